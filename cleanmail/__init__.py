@@ -1,0 +1,3 @@
+"""Cleanmail: the quarantine manager of an internet provider's mail platform."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""``python -m cleanmail`` runs the command line."""
+
+from cleanmail.cli import main
+
+main()

@@ -1,0 +1,88 @@
+"""The ``cleanmail`` command."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from cleanmail import config as config_module
+from cleanmail import db, lists, mailboxes, quarantine, store
+
+# Errors that mean "bad input or setup": one clear line and a non-zero exit, no traceback.
+CLEAR_ERRORS = (
+    config_module.ConfigError,
+    db.DatabaseError,
+    mailboxes.MailboxError,
+    lists.ListError,
+    quarantine.QuarantineError,
+    store.StoreError,
+)
+
+
+class Group(click.Group):
+    """A command group that turns our own errors into one line on stderr."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command, reporting known errors without a traceback."""
+        try:
+            return super().invoke(ctx)
+        except CLEAR_ERRORS as exc:
+            click.echo(f"cleanmail: error: {exc}", err=True)
+            sys.exit(2 if isinstance(exc, config_module.ConfigError) else 1)
+
+
+class State:
+    """The configuration and database, made on first use by a command."""
+
+    def __init__(self) -> None:
+        self._config: config_module.Config | None = None
+        self._database: db.Database | None = None
+
+    @property
+    def config(self) -> config_module.Config:
+        """The loaded configuration."""
+        if self._config is None:
+            self._config = config_module.load()
+        return self._config
+
+    def database(self, *, check: bool = True) -> db.Database:
+        """The database, checked to be migrated unless told otherwise."""
+        if self._database is None:
+            self._database = db.Database(self.config.database_url)
+            if check:
+                db.check_migrated(self._database)
+        return self._database
+
+    @property
+    def store(self) -> store.Store:
+        """The raw-message store."""
+        return store.Store(self.config.store_dir)
+
+
+pass_state = click.make_pass_decorator(State, ensure=True)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log debugging detail.")
+@click.version_option(package_name="cleanmail")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
+    """Cleanmail: the quarantine manager of an internet provider's mail platform."""
+    ctx.ensure_object(State)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Alembic narrates every step at INFO; the commands say what matters themselves.
+    logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    from cleanmail.cli import daemons, data  # noqa: F401 - registers the commands
+
+    cli(prog_name="cleanmail")

@@ -1,0 +1,90 @@
+"""Commands that run daemons and migrate: serve, filter, web, db."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import click
+
+from cleanmail import db
+from cleanmail.cli import State, cli, pass_state
+
+
+@cli.group("db")
+def db_group() -> None:
+    """Migrate the database."""
+
+
+@db_group.command("upgrade")
+@pass_state
+def db_upgrade(state: State) -> None:
+    """Migrate the database to the newest schema."""
+    db.upgrade(state.config.database_url)
+    click.echo(f"database at revision {db.head_revision()}")
+
+
+@db_group.command("current")
+@pass_state
+def db_current(state: State) -> None:
+    """Print the database's schema revision."""
+    revision = db.current_revision(state.database(check=False).engine)
+    click.echo(revision or "not migrated")
+
+
+@cli.command("filter")
+@pass_state
+def filter_command(state: State) -> None:
+    """Run the SMTP content filter on CLEANMAIL_FILTER_LISTEN."""
+    from cleanmail.filter import daemon
+
+    state.config.store_dir.mkdir(parents=True, exist_ok=True)
+    daemon.run(state.config)
+
+
+@cli.command("web")
+@pass_state
+def web_command(state: State) -> None:
+    """Run the web app under gunicorn on CLEANMAIL_WEB_LISTEN."""
+    from cleanmail.web import server
+
+    server.run(state.config)
+
+
+@cli.command("serve")
+@pass_state
+def serve_command(state: State) -> None:
+    """Run every daemon on this machine (migrating the embedded database first)."""
+    config = state.config
+    if config.is_embedded_database:
+        db.upgrade(config.database_url)
+    db.check_migrated(state.database())
+    children = {
+        name: subprocess.Popen([sys.executable, "-m", "cleanmail", name])
+        for name in ("filter", "web")
+    }
+    stopping = False
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    click.echo(f"cleanmail: filter on {config.filter_listen}, web on {config.base_url}", err=True)
+    exit_code = 0
+    while not stopping:
+        for name, child in children.items():
+            if child.poll() is not None:
+                click.echo(f"cleanmail: {name} exited with {child.returncode}", err=True)
+                exit_code, stopping = 1, True
+        time.sleep(0.5)
+    for child in children.values():
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    for child in children.values():
+        child.wait()
+    os._exit(exit_code)

@@ -1,0 +1,1 @@
+"""The SMTP content filter daemon and its verdict checks."""

@@ -1,0 +1,231 @@
+"""Allow and block lists: parsing, validation, matching, and the decision they give.
+
+Patterns are addresses, domains and ``*`` wildcards: ``user@example.com``,
+``news-*@example.com``, ``example.com`` (the whole domain, also written
+``*@example.com``), ``*.example.com`` (the domain and every subdomain).
+They match case-insensitively against the envelope sender and the From address.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from cleanmail import audit
+from cleanmail.models import Domain, ListAction, ListEntry, Mailbox, Scope
+
+_LOCAL = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+SCOPE_RANK = {Scope.MAILBOX: 3, Scope.DOMAIN: 2, Scope.GLOBAL: 1}
+
+
+class ListError(ValueError):
+    """A list pattern or change is not acceptable; the message says why."""
+
+
+def normalize(text: str) -> str:
+    """Validate a pattern and return its canonical form, or raise ListError."""
+    pattern = text.strip().strip("<>").strip().lower()
+    if not pattern:
+        raise ListError("the pattern is empty")
+    if len(pattern) > 320:
+        raise ListError("the pattern is longer than 320 characters")
+    if pattern.startswith("*@"):
+        pattern = pattern[2:]
+    local, at, domain = pattern.rpartition("@")
+    if at and not _LOCAL.match(local):
+        raise ListError(f"{text.strip()!r} is not a valid address")
+    domain = _normalize_domain(domain, text)
+    if at and local.strip("*") == "":
+        return domain
+    return f"{local}@{domain}" if at else domain
+
+
+def _normalize_domain(domain: str, original: str) -> str:
+    wildcard = domain.startswith("*.")
+    name = domain[2:] if wildcard else domain
+    try:
+        name = name.encode("idna").decode("ascii") if not name.isascii() else name
+    except UnicodeError:
+        raise ListError(f"{original.strip()!r} has an invalid domain") from None
+    labels = name.rstrip(".").split(".")
+    if not all(_LABEL.match(label) for label in labels) or (len(labels) < 2 and not wildcard):
+        raise ListError(f"{original.strip()!r} is not an address or a domain")
+    return ("*." if wildcard else "") + ".".join(labels)
+
+
+def specificity(pattern: str) -> int:
+    """How narrowly a pattern matches: an exact address beats a wildcard, beats a domain."""
+    if "@" in pattern:
+        return 3 if "*" not in pattern else 2
+    return 1 if not pattern.startswith("*.") else 0
+
+
+@lru_cache(maxsize=65536)
+def _compile(pattern: str) -> re.Pattern[str]:
+    local, at, domain = pattern.rpartition("@")
+    if domain.startswith("*."):
+        domain_re = r"(?:[^@]*\.)?" + re.escape(domain[2:])
+    else:
+        domain_re = re.escape(domain)
+    local_re = ".*".join(re.escape(piece) for piece in local.split("*")) if at else "[^@]*"
+    return re.compile(rf"{local_re}@{domain_re}\.?", re.IGNORECASE)
+
+
+def matches(pattern: str, address: str) -> bool:
+    """True when an address falls under a (normalized) pattern."""
+    if not address or "@" not in address:
+        return False
+    return _compile(pattern).fullmatch(address) is not None
+
+
+@dataclass(frozen=True)
+class Match:
+    """The list entry that decides for one recipient, and which sender it matched."""
+
+    entry_id: int
+    scope: str
+    action: str
+    pattern: str
+    via: str  # "envelope" or "from"
+    address: str
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A list entry as the filter sees it (detached from the session)."""
+
+    id: int
+    scope: str
+    action: str
+    pattern: str
+    mailbox_id: int | None
+    domain_id: int | None
+
+
+def decide(rules: Iterable[Rule], senders: Sequence[tuple[str, str]]) -> list[Match]:
+    """Every matching entry, the one that decides first.
+
+    The mailbox's own lists beat the domain's, which beat the global ones; within one
+    owner a narrower pattern wins, and block wins a tie. ``senders`` pairs a label
+    ("envelope", "from") with an address.
+    """
+    found: list[tuple[tuple[int, int, int], Match]] = []
+    for rule in rules:
+        for via, address in senders:
+            if matches(rule.pattern, address):
+                rank = (
+                    SCOPE_RANK[Scope(rule.scope)],
+                    specificity(rule.pattern),
+                    1 if rule.action == ListAction.BLOCK else 0,
+                )
+                found.append(
+                    (rank, Match(rule.id, rule.scope, rule.action, rule.pattern, via, address))
+                )
+    found.sort(key=lambda pair: pair[0], reverse=True)
+    return [match for _rank, match in found]
+
+
+def rules_for(session: Session, mailbox_ids: Iterable[int], domain_ids: Iterable[int]) -> list[Rule]:
+    """The entries that apply to some mailboxes: their own, their domains', the global ones."""
+    query = select(ListEntry).where(
+        or_(
+            ListEntry.scope == Scope.GLOBAL,
+            (ListEntry.scope == Scope.DOMAIN) & ListEntry.domain_id.in_(list(domain_ids)),
+            (ListEntry.scope == Scope.MAILBOX) & ListEntry.mailbox_id.in_(list(mailbox_ids)),
+        )
+    )
+    return [
+        Rule(e.id, e.scope, e.action, e.pattern, e.mailbox_id, e.domain_id)
+        for e in session.scalars(query)
+    ]
+
+
+def owned_by(
+    session: Session, *, mailbox: Mailbox | None = None, domain: Domain | None = None
+) -> list[ListEntry]:
+    """The entries of one owner (a mailbox, a domain, or global when neither is given)."""
+    query = select(ListEntry).where(*_owner_filter(mailbox, domain))
+    return list(session.scalars(query.order_by(ListEntry.action, ListEntry.pattern)))
+
+
+def _owner_filter(mailbox: Mailbox | None, domain: Domain | None) -> list:
+    if mailbox is not None:
+        return [ListEntry.scope == Scope.MAILBOX, ListEntry.mailbox_id == mailbox.id]
+    if domain is not None:
+        return [ListEntry.scope == Scope.DOMAIN, ListEntry.domain_id == domain.id]
+    return [ListEntry.scope == Scope.GLOBAL]
+
+
+def add(
+    session: Session,
+    actor: audit.Actor,
+    action: str,
+    pattern: str,
+    *,
+    mailbox: Mailbox | None = None,
+    domain: Domain | None = None,
+    comment: str = "",
+) -> ListEntry:
+    """Put a pattern on an owner's allow or block list, moving it off the other list."""
+    action = ListAction(action)
+    canonical = normalize(pattern)
+    scope = Scope.MAILBOX if mailbox else Scope.DOMAIN if domain else Scope.GLOBAL
+    existing = session.scalars(
+        select(ListEntry).where(*_owner_filter(mailbox, domain), ListEntry.pattern == canonical)
+    ).first()
+    if existing is not None and existing.action == action:
+        return existing
+    if existing is not None:
+        existing.action = action
+        entry = existing
+    else:
+        entry = ListEntry(
+            scope=scope,
+            action=action,
+            pattern=canonical,
+            mailbox_id=mailbox.id if mailbox else None,
+            domain_id=domain.id if domain else None,
+            comment=comment[:255],
+        )
+        session.add(entry)
+    session.flush()
+    audit.record(
+        session, actor, f"list.{action.value}",
+        mailbox_id=mailbox.id if mailbox else None,
+        scope=scope.value, pattern=canonical, domain=domain.name if domain else None,
+        moved=existing is not None,
+    )
+    return entry
+
+
+def remove(
+    session: Session,
+    actor: audit.Actor,
+    pattern: str,
+    *,
+    action: str | None = None,
+    mailbox: Mailbox | None = None,
+    domain: Domain | None = None,
+) -> ListEntry:
+    """Take a pattern off an owner's lists (off one list when ``action`` is given)."""
+    canonical = normalize(pattern)
+    entry = session.scalars(
+        select(ListEntry).where(*_owner_filter(mailbox, domain), ListEntry.pattern == canonical)
+    ).first()
+    if entry is None or (action is not None and entry.action != action):
+        raise ListError(f"{canonical} is not on the {action or 'allow or block'} list")
+    session.delete(entry)
+    audit.record(
+        session, actor, "list.remove",
+        mailbox_id=mailbox.id if mailbox else None,
+        scope=entry.scope, pattern=canonical, action=entry.action,
+        domain=domain.name if domain else None,
+    )
+    session.flush()
+    return entry

@@ -1,0 +1,251 @@
+"""Typed SQLAlchemy models: domains, mailboxes, quarantined messages, lists, audit."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Names every constraint, so that Alembic migrations can refer to them on both databases.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+BigId = BigInteger().with_variant(Integer, "sqlite")
+
+
+def utcnow() -> datetime:
+    """The current time, UTC-aware."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored as UTC and always returned timezone-aware."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use an aware UTC time")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with named constraints."""
+
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Role(enum.StrEnum):
+    """What a mailbox row may do in Cleanmail."""
+
+    OWNER = "owner"
+    DOMAIN_ADMIN = "domain_admin"
+    OPERATOR = "operator"
+
+
+class ReportFrequency(enum.StrEnum):
+    """How often an owner gets a quarantine report."""
+
+    NEVER = "never"
+    HOURLY = "hourly"
+    DAILY = "daily"
+    WEEKLY = "weekly"
+
+
+class Status(enum.StrEnum):
+    """The fate of a quarantined message."""
+
+    NEW = "new"
+    RELEASED = "released"
+    DELETED = "deleted"
+    EXPIRED = "expired"
+
+
+class Scope(enum.StrEnum):
+    """Whose list an entry belongs to."""
+
+    GLOBAL = "global"
+    DOMAIN = "domain"
+    MAILBOX = "mailbox"
+
+
+class ListAction(enum.StrEnum):
+    """Allow (whitelist) or block (blacklist)."""
+
+    ALLOW = "allow"
+    BLOCK = "block"
+
+
+class Domain(Base):
+    """A mail domain that Cleanmail serves."""
+
+    __tablename__ = "domains"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(253), unique=True)
+    quarantine_threshold: Mapped[float | None] = mapped_column(Float)
+    reject_threshold: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    mailboxes: Mapped[list[Mailbox]] = relationship(back_populates="domain")
+
+
+class Mailbox(Base):
+    """A mailbox owner (or a member of staff) who can use Cleanmail."""
+
+    __tablename__ = "mailboxes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    address: Mapped[str] = mapped_column(String(320), unique=True)
+    domain_id: Mapped[int | None] = mapped_column(
+        ForeignKey("domains.id", ondelete="CASCADE"), index=True
+    )
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    totp_secret: Mapped[str | None] = mapped_column(String(64))
+    language: Mapped[str] = mapped_column(String(8), default="nb")
+    report_frequency: Mapped[str] = mapped_column(String(16), default=ReportFrequency.DAILY)
+    timezone: Mapped[str] = mapped_column(String(64), default="Europe/Oslo")
+    key_version: Mapped[int] = mapped_column(Integer, default=1)
+    role: Mapped[str] = mapped_column(String(16), default=Role.OWNER)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_report_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    domain: Mapped[Domain | None] = relationship(back_populates="mailboxes")
+
+
+class RawMessage(Base):
+    """One stored raw message file, shared by every recipient row that refers to it."""
+
+    __tablename__ = "raw_messages"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Message(Base):
+    """A quarantined message for one recipient mailbox."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        Index("ix_messages_mailbox_received", "mailbox_id", "received_at", "id"),
+        Index("ix_messages_mailbox_status_received", "mailbox_id", "status", "received_at"),
+        Index("ix_messages_status_expires", "status", "expires_at"),
+        Index("ix_messages_sender_domain_received", "sender_domain", "received_at"),
+        Index("ix_messages_received", "received_at"),
+        # A message that Postfix retries after a 4xx is stored once per mailbox.
+        Index("uq_messages_mailbox_raw", "mailbox_id", "raw_sha256", unique=True),
+        Index("ix_messages_raw_sha256", "raw_sha256"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    mailbox_id: Mapped[int] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"))
+    raw_sha256: Mapped[str | None] = mapped_column(
+        ForeignKey("raw_messages.sha256", ondelete="SET NULL")
+    )
+    envelope_sender: Mapped[str] = mapped_column(String(998), default="")
+    from_header: Mapped[str] = mapped_column(Text, default="")
+    from_address: Mapped[str] = mapped_column(String(320), default="")
+    sender_domain: Mapped[str] = mapped_column(String(253), default="")
+    subject: Mapped[str] = mapped_column(Text, default="")
+    message_id_header: Mapped[str] = mapped_column(String(998), default="")
+    date_header: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    size: Mapped[int] = mapped_column(BigInteger)
+    score: Mapped[float] = mapped_column(Float, default=0.0)
+    reasons: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    status: Mapped[str] = mapped_column(String(16), default=Status.NEW)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    release_error: Mapped[str | None] = mapped_column(Text)
+    release_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    client_address: Mapped[str | None] = mapped_column(String(64))
+    client_helo: Mapped[str | None] = mapped_column(String(255))
+
+    mailbox: Mapped[Mailbox] = relationship()
+
+
+class ListEntry(Base):
+    """An allow or block pattern, owned by one mailbox, one domain or everyone."""
+
+    __tablename__ = "list_entries"
+    __table_args__ = (
+        # One pattern is on at most one of an owner's two lists.
+        Index(
+            "uq_list_entries_mailbox_pattern", "mailbox_id", "pattern", unique=True,
+            sqlite_where=text("scope = 'mailbox'"), postgresql_where=text("scope = 'mailbox'"),
+        ),
+        Index(
+            "uq_list_entries_domain_pattern", "domain_id", "pattern", unique=True,
+            sqlite_where=text("scope = 'domain'"), postgresql_where=text("scope = 'domain'"),
+        ),
+        Index(
+            "uq_list_entries_global_pattern", "pattern", unique=True,
+            sqlite_where=text("scope = 'global'"), postgresql_where=text("scope = 'global'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(16))
+    pattern: Mapped[str] = mapped_column(String(320))
+    mailbox_id: Mapped[int | None] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"))
+    domain_id: Mapped[int | None] = mapped_column(ForeignKey("domains.id", ondelete="CASCADE"))
+    comment: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AuditEvent(Base):
+    """One change of a message's fate or of a setting: who, what, when, from where."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_at", "at"),
+        Index("ix_audit_events_mailbox_at", "mailbox_id", "at"),
+        Index("ix_audit_events_action_at", "action", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    actor_type: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(320), default="")
+    action: Mapped[str] = mapped_column(String(64))
+    mailbox_id: Mapped[int | None] = mapped_column(
+        ForeignKey("mailboxes.id", ondelete="SET NULL")
+    )
+    message_id: Mapped[int | None] = mapped_column(BigInteger)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    remote_addr: Mapped[str | None] = mapped_column(String(64))

@@ -1,0 +1,168 @@
+"""The domain operations on quarantined mail: hold, find, list, delete, expire."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session
+
+from cleanmail import audit, mime, sql
+from cleanmail.models import Mailbox, Message, RawMessage, Status, utcnow
+from cleanmail.store import Store, digest
+
+
+class QuarantineError(LookupError):
+    """A quarantined message cannot be found or acted on; the message says why."""
+
+
+@dataclass(frozen=True)
+class Hold:
+    """One recipient's copy of a message to keep in the quarantine."""
+
+    mailbox_id: int
+    score: float
+    reasons: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a message came from: envelope sender and the client that sent it."""
+
+    sender: str = ""
+    client_address: str | None = None
+    client_helo: str | None = None
+
+
+def hold(
+    session: Session,
+    store: Store,
+    raw: bytes,
+    parsed: mime.ParsedMessage,
+    origin: Origin,
+    holds: Sequence[Hold],
+    *,
+    retention_days: int,
+    now: datetime | None = None,
+) -> list[int]:
+    """Store a message once and add a row per recipient; a retried message is not doubled.
+
+    The raw file is written under the lock of its ``raw_messages`` row, so that a
+    concurrent delete of the last reference cannot remove it after we checked.
+    """
+    now = now or utcnow()
+    sha = digest(raw)
+    lock = sql.insert(session, RawMessage).values(sha256=sha, size=len(raw), created_at=now)
+    session.execute(lock.on_conflict_do_update(index_elements=["sha256"], set_={"size": len(raw)}))
+    store.ensure(sha, raw)
+    sender_domain = mime.address_domain(parsed.from_address or origin.sender)
+    rows = [
+        {
+            "mailbox_id": item.mailbox_id,
+            "raw_sha256": sha,
+            "envelope_sender": mime.clean_text(origin.sender, 998),
+            "from_header": parsed.from_header,
+            "from_address": parsed.from_address,
+            "sender_domain": sender_domain[:253],
+            "subject": parsed.subject,
+            "message_id_header": parsed.message_id,
+            "date_header": parsed.date,
+            "size": len(raw),
+            "score": item.score,
+            "reasons": item.reasons,
+            "status": Status.NEW,
+            "received_at": now,
+            "expires_at": now + timedelta(days=retention_days),
+            "release_attempts": 0,
+            "client_address": origin.client_address,
+            "client_helo": mime.clean_text(origin.client_helo or "", 255) or None,
+        }
+        for item in holds
+    ]
+    if not rows:
+        return []
+    statement = (
+        sql.insert(session, Message)
+        .values(rows)
+        .on_conflict_do_nothing(index_elements=["mailbox_id", "raw_sha256"])
+        .returning(Message.id)
+    )
+    return list(session.scalars(statement))
+
+
+def get(session: Session, message_id: int, *, mailbox: Mailbox | None = None) -> Message:
+    """One quarantined message; limited to a mailbox when one is given."""
+    query = select(Message).where(Message.id == message_id)
+    if mailbox is not None:
+        query = query.where(Message.mailbox_id == mailbox.id)
+    message = session.scalar(query)
+    if message is None:
+        raise QuarantineError(f"no quarantined message {message_id}")
+    return message
+
+
+def list_messages(
+    session: Session,
+    *,
+    mailbox: Mailbox | None = None,
+    status: str | None = None,
+    limit: int = 100,
+    before_id: int | None = None,
+) -> list[Message]:
+    """Messages newest first, optionally for one mailbox and one status."""
+    query = select(Message)
+    if mailbox is not None:
+        query = query.where(Message.mailbox_id == mailbox.id)
+    if status is not None:
+        query = query.where(Message.status == Status(status))
+    if before_id is not None:
+        query = query.where(Message.id < before_id)
+    query = query.order_by(Message.received_at.desc(), Message.id.desc()).limit(limit)
+    return list(session.scalars(query))
+
+
+def raw(store: Store, message: Message) -> bytes:
+    """The stored raw bytes of a message."""
+    if message.raw_sha256 is None:
+        raise QuarantineError(f"message {message.id} is {message.status}; its content is gone")
+    return store.read(message.raw_sha256)
+
+
+def delete(session: Session, store: Store, message: Message, actor: audit.Actor) -> None:
+    """Delete a message from the quarantine for good."""
+    if message.status == Status.DELETED:
+        return
+    _drop_reference(session, store, message, Status.DELETED)
+    audit.record(session, actor, "message.delete", mailbox_id=message.mailbox_id,
+                 message_id=message.id, subject=message.subject[:200])
+
+
+def expire(session: Session, store: Store, message: Message) -> None:
+    """Mark a message expired at the end of its retention and free its content."""
+    _drop_reference(session, store, message, Status.EXPIRED)
+    audit.record(session, audit.SYSTEM, "message.expire", mailbox_id=message.mailbox_id,
+                 message_id=message.id)
+
+
+def _drop_reference(session: Session, store: Store, message: Message, status: Status) -> None:
+    """Detach a row from its raw file, removing the file with its last reference.
+
+    The ``raw_messages`` row is locked first (the same order as ``hold``), so that a
+    message arriving with the same bytes waits and then writes the file again.
+    """
+    sha = message.raw_sha256
+    if sha is not None:
+        session.execute(
+            select(RawMessage.sha256).where(RawMessage.sha256 == sha).with_for_update()
+        )
+    message.status = status
+    message.raw_sha256 = None
+    session.flush()
+    if sha is None:
+        return
+    if not session.scalar(select(exists().where(Message.raw_sha256 == sha))):
+        session.execute(RawMessage.__table__.delete().where(RawMessage.sha256 == sha))
+        store.discard(session, sha)

@@ -1,0 +1,49 @@
+"""Runs the web app under gunicorn, configured from Cleanmail's settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from cleanmail.config import Config
+
+
+class WebServer(BaseApplication):
+    """gunicorn with our settings instead of its command line."""
+
+    def __init__(self, config: Config) -> None:
+        self.cleanmail_config = config
+        super().__init__()
+
+    def load_config(self) -> None:
+        """Apply listen address and worker count."""
+        settings: dict[str, Any] = {
+            "bind": str(self.cleanmail_config.web_listen),
+            "workers": self.cleanmail_config.web_workers,
+            "worker_class": "gthread",
+            "threads": 4,
+            "accesslog": "-",
+            "proc_name": "cleanmail-web",
+        }
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        """Build the app in each worker."""
+        from cleanmail.web import create_app
+
+        return create_app(self.cleanmail_config)
+
+
+def run(config: Config) -> None:
+    """Serve until gunicorn is told to stop; refuses to start on an unmigrated database."""
+    from cleanmail import db
+
+    database = db.Database(config.database_url)
+    try:
+        db.check_migrated(database)
+    finally:
+        database.dispose()
+    config.store_dir.mkdir(parents=True, exist_ok=True)
+    WebServer(config).run()

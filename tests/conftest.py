@@ -1,0 +1,148 @@
+"""Shared fixtures: databases on SQLite and PostgreSQL, the store, an SMTP sink, the filter."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql as pgsql
+
+from cleanmail import config as config_module
+from cleanmail import db
+from cleanmail.filter import daemon, server
+from cleanmail.store import Store
+from tests.servers import PostgresServer, SmtpSink, free_port
+
+TEMPLATE_DB = "cleanmail_template"
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session, with a migrated template database."""
+    with PostgresServer(tmp_path_factory.mktemp("pg")) as pg:
+        pg.create_database(TEMPLATE_DB)
+        db.upgrade(pg.url(TEMPLATE_DB))
+        yield pg
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file that each test copies."""
+    path = tmp_path_factory.mktemp("sqlite") / "template.db"
+    db.upgrade(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh migrated database for one test, on each backend in turn."""
+    if request.param == "sqlite":
+        target = tmp_path / "data" / "cleanmail.db"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), target)
+        yield f"sqlite:///{target}"
+        return
+    pg: PostgresServer = request.getfixturevalue("postgres_server")
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg.conninfo(), autocommit=True) as conn:
+        conn.execute(pgsql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            pgsql.Identifier(name), pgsql.Identifier(TEMPLATE_DB)))
+    yield pg.url(name)
+    with psycopg.connect(pg.conninfo(), autocommit=True) as conn:
+        conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            pgsql.Identifier(name)))
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[SmtpSink]:
+    """A real SMTP server that records what the relay hands it."""
+    with SmtpSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+def config(tmp_path: Path, db_url: str, smtp_sink: SmtpSink) -> config_module.Config:
+    """A configuration for one test: its own data dir and database, relaying to the sink."""
+    return config_module.load({
+        "CLEANMAIL_DATA_DIR": str(tmp_path / "data"),
+        "CLEANMAIL_DATABASE_URL": db_url,
+        "CLEANMAIL_SECRET_KEY": "test-secret",
+        "CLEANMAIL_RELAY": f"127.0.0.1:{smtp_sink.port}",
+        "CLEANMAIL_FILTER_LISTEN": f"127.0.0.1:{free_port()}",
+        "CLEANMAIL_TRUSTED_AUTHSERV_ID": "mx.cleanmail.test",
+        "CLEANMAIL_DNS_TIMEOUT": "0.2",
+        "CLEANMAIL_DNS_SERVERS": "127.0.0.1",
+        "CLEANMAIL_VERDICT_TIMEOUT": "10",
+    })
+
+
+@pytest.fixture
+def database(config: config_module.Config) -> Iterator[db.Database]:
+    """The test's database."""
+    database = db.Database(config.database_url)
+    yield database
+    database.dispose()
+
+
+@pytest.fixture
+def store(config: config_module.Config) -> Store:
+    """The test's raw-message store."""
+    return Store(config.store_dir)
+
+
+class FilterThread:
+    """The filter daemon's server running in a thread of the test process."""
+
+    def __init__(self, config: config_module.Config, database: db.Database) -> None:
+        self.config = config
+        self.pipeline = daemon.build_pipeline(config, database)
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await server.serve(self.config, self.pipeline, ready=self._ready.set, stop=self._stop)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # reported to the test by start()
+            self._error = exc
+            self._ready.set()
+
+    def start(self) -> FilterThread:
+        """Start and wait until it listens."""
+        self._thread.start()
+        if not self._ready.wait(15) or self._error:
+            raise RuntimeError(f"filter did not start: {self._error!r}")
+        return self
+
+    def stop(self) -> None:
+        """Drain and stop."""
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    @property
+    def port(self) -> int:
+        """Where it listens."""
+        return self.config.filter_listen.port
+
+
+@pytest.fixture
+def filter_server(config: config_module.Config, database: db.Database) -> Iterator[FilterThread]:
+    """The content filter listening on a free port, relaying to the sink."""
+    config.store_dir.mkdir(parents=True, exist_ok=True)
+    running = FilterThread(config, database).start()
+    yield running
+    running.stop()
