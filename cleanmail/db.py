@@ -15,7 +15,6 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 

@@ -131,7 +131,9 @@ def decide(rules: Iterable[Rule], senders: Sequence[tuple[str, str]]) -> list[Ma
     return [match for _rank, match in found]
 
 
-def rules_for(session: Session, mailbox_ids: Iterable[int], domain_ids: Iterable[int]) -> list[Rule]:
+def rules_for(
+    session: Session, mailbox_ids: Iterable[int], domain_ids: Iterable[int]
+) -> list[Rule]:
     """The entries that apply to some mailboxes: their own, their domains', the global ones."""
     query = select(ListEntry).where(
         or_(
@@ -196,9 +198,13 @@ def add(
         session.add(entry)
     session.flush()
     audit.record(
-        session, actor, f"list.{action.value}",
+        session,
+        actor,
+        f"list.{action.value}",
         mailbox_id=mailbox.id if mailbox else None,
-        scope=scope.value, pattern=canonical, domain=domain.name if domain else None,
+        scope=scope.value,
+        pattern=canonical,
+        domain=domain.name if domain else None,
         moved=existing is not None,
     )
     return entry
@@ -222,9 +228,13 @@ def remove(
         raise ListError(f"{canonical} is not on the {action or 'allow or block'} list")
     session.delete(entry)
     audit.record(
-        session, actor, "list.remove",
+        session,
+        actor,
+        "list.remove",
         mailbox_id=mailbox.id if mailbox else None,
-        scope=entry.scope, pattern=canonical, action=entry.action,
+        scope=entry.scope,
+        pattern=canonical,
+        action=entry.action,
         domain=domain.name if domain else None,
     )
     session.flush()

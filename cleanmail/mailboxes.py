@@ -11,8 +11,10 @@ from sqlalchemy.orm import Session
 from cleanmail import audit, sql
 from cleanmail.models import Domain, Mailbox, Message, Status
 
-_ADDRESS = re.compile(r"^[^\s@<>()\[\],;:\"\\]{1,64}@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+"
-                      r"[a-z0-9-]{2,63}$")
+_ADDRESS = re.compile(
+    r"^[^\s@<>()\[\],;:\"\\]{1,64}@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+"
+    r"[a-z0-9-]{2,63}$"
+)
 _DOMAIN = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$")
 
 
@@ -126,11 +128,11 @@ def ensure_mailboxes(
     found = dict(session.execute(query).all())
     missing = [address for address in wanted if address not in found]
     if missing:
-        rows = [
-            {"address": a, "domain_id": domain_ids[a.rpartition("@")[2]]} for a in missing
-        ]
-        statement = sql.insert(session, Mailbox).values(rows).on_conflict_do_nothing(
-            index_elements=["address"]
+        rows = [{"address": a, "domain_id": domain_ids[a.rpartition("@")[2]]} for a in missing]
+        statement = (
+            sql.insert(session, Mailbox)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=["address"])
         )
         session.execute(statement)
         found.update(session.execute(query).all())

@@ -51,7 +51,7 @@ def decode_header(value: object) -> str:
     text = str(value) if not isinstance(value, email.header.Header) else value
     try:
         chunks = email.header.decode_header(text)
-    except Exception:  # noqa: BLE001 - the email package raises many kinds on garbage
+    except Exception:
         chunks = [(str(text), None)]
     out = []
     for chunk, charset in chunks:
@@ -67,7 +67,7 @@ def parse_address(value: str) -> str:
     """The first mailbox address in a header value, lower-cased, or ``""``."""
     try:
         pairs = email.utils.getaddresses([value])
-    except Exception:  # noqa: BLE001 - getaddresses fails on some garbage
+    except Exception:
         return ""
     for _name, address in pairs:
         address = address.strip().lower()
@@ -96,7 +96,7 @@ class Part:
         """The payload with its transfer encoding undone (raw bytes where that fails)."""
         try:
             data = self.message.get_payload(decode=True)
-        except Exception:  # noqa: BLE001 - broken encodings raise assorted errors
+        except Exception:
             data = None
         if isinstance(data, bytes):
             return data
@@ -130,7 +130,7 @@ class ParsedMessage:
         """One header, decoded (the first of several), or ``""``."""
         try:
             return decode_header(self.headers.get(name))
-        except Exception:  # noqa: BLE001
+        except Exception:
             return ""
 
     def header_all(self, name: str) -> list[str]:
@@ -205,7 +205,7 @@ def parse(raw: bytes) -> ParsedMessage:
     except RecursionError:
         defects.append("mime-too-deep")
         message = _headers_only(raw)
-    except Exception:  # noqa: BLE001 - the parser is not meant to raise, but guard anyway
+    except Exception:
         defects.append("mime-unparseable")
         message = _headers_only(raw)
     parts = _leaves(message, defects)
@@ -221,7 +221,7 @@ def _headers_only(raw: bytes) -> Message:
     head = raw if end < 0 else raw[:end]
     try:
         return email.message_from_bytes(head + b"\r\n\r\n", policy=compat32)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return Message()
 
 
@@ -250,17 +250,17 @@ def _leaves(root: Message, defects: list[str]) -> list[Part]:
 def _part(node: Message, depth: int) -> Part:
     try:
         content_type = node.get_content_type()
-    except Exception:  # noqa: BLE001
+    except Exception:
         content_type = "application/octet-stream"
     try:
         filename = node.get_filename() or node.get_param("name")
-    except Exception:  # noqa: BLE001
+    except Exception:
         filename = None
     if isinstance(filename, tuple):  # an RFC 2231 value that the package left undecoded
         filename = email.utils.collapse_rfc2231_value(filename)
     try:
         disposition = node.get_content_disposition()
-    except Exception:  # noqa: BLE001
+    except Exception:
         disposition = None
     name = decode_header(filename) if filename else None
     return Part(clean_text(content_type, 255), name or None, disposition, depth, node)

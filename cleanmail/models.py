@@ -205,16 +205,27 @@ class ListEntry(Base):
     __table_args__ = (
         # One pattern is on at most one of an owner's two lists.
         Index(
-            "uq_list_entries_mailbox_pattern", "mailbox_id", "pattern", unique=True,
-            sqlite_where=text("scope = 'mailbox'"), postgresql_where=text("scope = 'mailbox'"),
+            "uq_list_entries_mailbox_pattern",
+            "mailbox_id",
+            "pattern",
+            unique=True,
+            sqlite_where=text("scope = 'mailbox'"),
+            postgresql_where=text("scope = 'mailbox'"),
         ),
         Index(
-            "uq_list_entries_domain_pattern", "domain_id", "pattern", unique=True,
-            sqlite_where=text("scope = 'domain'"), postgresql_where=text("scope = 'domain'"),
+            "uq_list_entries_domain_pattern",
+            "domain_id",
+            "pattern",
+            unique=True,
+            sqlite_where=text("scope = 'domain'"),
+            postgresql_where=text("scope = 'domain'"),
         ),
         Index(
-            "uq_list_entries_global_pattern", "pattern", unique=True,
-            sqlite_where=text("scope = 'global'"), postgresql_where=text("scope = 'global'"),
+            "uq_list_entries_global_pattern",
+            "pattern",
+            unique=True,
+            sqlite_where=text("scope = 'global'"),
+            postgresql_where=text("scope = 'global'"),
         ),
     )
 
@@ -243,9 +254,7 @@ class AuditEvent(Base):
     actor_type: Mapped[str] = mapped_column(String(16))
     actor: Mapped[str] = mapped_column(String(320), default="")
     action: Mapped[str] = mapped_column(String(64))
-    mailbox_id: Mapped[int | None] = mapped_column(
-        ForeignKey("mailboxes.id", ondelete="SET NULL")
-    )
+    mailbox_id: Mapped[int | None] = mapped_column(ForeignKey("mailboxes.id", ondelete="SET NULL"))
     message_id: Mapped[int | None] = mapped_column(BigInteger)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     remote_addr: Mapped[str | None] = mapped_column(String(64))

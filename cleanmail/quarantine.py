@@ -136,15 +136,26 @@ def delete(session: Session, store: Store, message: Message, actor: audit.Actor)
     if message.status == Status.DELETED:
         return
     _drop_reference(session, store, message, Status.DELETED)
-    audit.record(session, actor, "message.delete", mailbox_id=message.mailbox_id,
-                 message_id=message.id, subject=message.subject[:200])
+    audit.record(
+        session,
+        actor,
+        "message.delete",
+        mailbox_id=message.mailbox_id,
+        message_id=message.id,
+        subject=message.subject[:200],
+    )
 
 
 def expire(session: Session, store: Store, message: Message) -> None:
     """Mark a message expired at the end of its retention and free its content."""
     _drop_reference(session, store, message, Status.EXPIRED)
-    audit.record(session, audit.SYSTEM, "message.expire", mailbox_id=message.mailbox_id,
-                 message_id=message.id)
+    audit.record(
+        session,
+        audit.SYSTEM,
+        "message.expire",
+        mailbox_id=message.mailbox_id,
+        message_id=message.id,
+    )
 
 
 def _drop_reference(session: Session, store: Store, message: Message, status: Status) -> None:
@@ -155,9 +166,7 @@ def _drop_reference(session: Session, store: Store, message: Message, status: St
     """
     sha = message.raw_sha256
     if sha is not None:
-        session.execute(
-            select(RawMessage.sha256).where(RawMessage.sha256 == sha).with_for_update()
-        )
+        session.execute(select(RawMessage.sha256).where(RawMessage.sha256 == sha).with_for_update())
     message.status = status
     message.raw_sha256 = None
     session.flush()

@@ -83,7 +83,8 @@ class Relay:
         options: Sequence[str],
     ) -> None:
         mail_options = [
-            option for extension, option in PASSED_OPTIONS.items()
+            option
+            for extension, option in PASSED_OPTIONS.items()
             if option in options and client.has_extn(extension)
         ]
         client.command_encoding = "utf-8" if "SMTPUTF8" in mail_options else "ascii"
@@ -111,8 +112,10 @@ class Relay:
             return client
         try:
             client = smtplib.SMTP(
-                self.endpoint.host, self.endpoint.port,
-                local_hostname=self.hostname, timeout=self.timeout,
+                self.endpoint.host,
+                self.endpoint.port,
+                local_hostname=self.hostname,
+                timeout=self.timeout,
             )
             client.ehlo()
         except (OSError, smtplib.SMTPException) as exc:
@@ -172,5 +175,7 @@ def _refusal(refused: dict, *, partial: bool = False) -> RelayError:
     codes = [code for code, _text_ in refused.values()]
     first_code, first_text = next(iter(refused.values()))
     if partial or any(code < 500 for code in codes):
-        return RelayError(451, f"4.4.0 relay refused {len(refused)} recipients: {_text(first_text)}")
+        return RelayError(
+            451, f"4.4.0 relay refused {len(refused)} recipients: {_text(first_text)}"
+        )
     return RelayError(first_code, _text(first_text))

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -17,7 +23,7 @@ from cleanmail import config as config_module
 from cleanmail import db
 from cleanmail.filter import daemon, server
 from cleanmail.store import Store
-from tests.servers import PostgresServer, SmtpSink, free_port
+from tests.servers import PostfixServer, PostgresServer, SmtpSink, free_port
 
 TEMPLATE_DB = "cleanmail_template"
 
@@ -51,12 +57,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     pg: PostgresServer = request.getfixturevalue("postgres_server")
     name = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg.conninfo(), autocommit=True) as conn:
-        conn.execute(pgsql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-            pgsql.Identifier(name), pgsql.Identifier(TEMPLATE_DB)))
+        conn.execute(
+            pgsql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                pgsql.Identifier(name), pgsql.Identifier(TEMPLATE_DB)
+            )
+        )
     yield pg.url(name)
     with psycopg.connect(pg.conninfo(), autocommit=True) as conn:
-        conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            pgsql.Identifier(name)))
+        conn.execute(
+            pgsql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(pgsql.Identifier(name))
+        )
 
 
 @pytest.fixture
@@ -69,17 +79,19 @@ def smtp_sink() -> Iterator[SmtpSink]:
 @pytest.fixture
 def config(tmp_path: Path, db_url: str, smtp_sink: SmtpSink) -> config_module.Config:
     """A configuration for one test: its own data dir and database, relaying to the sink."""
-    return config_module.load({
-        "CLEANMAIL_DATA_DIR": str(tmp_path / "data"),
-        "CLEANMAIL_DATABASE_URL": db_url,
-        "CLEANMAIL_SECRET_KEY": "test-secret",
-        "CLEANMAIL_RELAY": f"127.0.0.1:{smtp_sink.port}",
-        "CLEANMAIL_FILTER_LISTEN": f"127.0.0.1:{free_port()}",
-        "CLEANMAIL_TRUSTED_AUTHSERV_ID": "mx.cleanmail.test",
-        "CLEANMAIL_DNS_TIMEOUT": "0.2",
-        "CLEANMAIL_DNS_SERVERS": "127.0.0.1",
-        "CLEANMAIL_VERDICT_TIMEOUT": "10",
-    })
+    return config_module.load(
+        {
+            "CLEANMAIL_DATA_DIR": str(tmp_path / "data"),
+            "CLEANMAIL_DATABASE_URL": db_url,
+            "CLEANMAIL_SECRET_KEY": "test-secret",
+            "CLEANMAIL_RELAY": f"127.0.0.1:{smtp_sink.port}",
+            "CLEANMAIL_FILTER_LISTEN": f"127.0.0.1:{free_port()}",
+            "CLEANMAIL_TRUSTED_AUTHSERV_ID": "mx.cleanmail.test",
+            "CLEANMAIL_DNS_TIMEOUT": "0.2",
+            "CLEANMAIL_DNS_SERVERS": "127.0.0.1",
+            "CLEANMAIL_VERDICT_TIMEOUT": "10",
+        }
+    )
 
 
 @pytest.fixture
@@ -146,3 +158,66 @@ def filter_server(config: config_module.Config, database: db.Database) -> Iterat
     running = FilterThread(config, database).start()
     yield running
     running.stop()
+
+
+@pytest.fixture
+def postfix() -> Iterator[Callable[[int, int], PostfixServer]]:
+    """A factory: ``postfix(filter_port, sink_port)`` starts a private Postfix for this test."""
+    started: list[PostfixServer] = []
+
+    def start(filter_port: int, sink_port: int) -> PostfixServer:
+        server = PostfixServer(None, filter_port, sink_port)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for running in reversed(started):
+        running.stop()
+
+
+class FilterProcess:
+    """``cleanmail filter`` as its own process, the way production runs it."""
+
+    def __init__(self, config: config_module.Config) -> None:
+        self.config = config
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def environment(self) -> dict[str, str]:
+        """The CLEANMAIL_* variables that reproduce the test's configuration."""
+        c = self.config
+        return {
+            **os.environ,
+            "CLEANMAIL_DATA_DIR": str(c.data_dir),
+            "CLEANMAIL_DATABASE_URL": c.database_url,
+            "CLEANMAIL_SECRET_KEY": " ".join(c.secret_keys),
+            "CLEANMAIL_FILTER_LISTEN": str(c.filter_listen),
+            "CLEANMAIL_RELAY": str(c.relay),
+            "CLEANMAIL_TRUSTED_AUTHSERV_ID": c.trusted_authserv_id or "",
+            "CLEANMAIL_DNS_TIMEOUT": str(c.dns_timeout),
+            "CLEANMAIL_DNS_SERVERS": " ".join(c.dns_servers),
+        }
+
+    def start(self) -> FilterProcess:
+        """Start and wait until the port answers."""
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cleanmail", "filter"], env=self.environment()
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"filter exited with {self.process.returncode}")
+            try:
+                socket.create_connection(
+                    (self.config.filter_listen.host, self.config.filter_listen.port), 0.5
+                ).close()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("filter did not start listening")
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, and the exit code once it has drained."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)

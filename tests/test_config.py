@@ -29,7 +29,9 @@ def test_instance_file_then_environment(tmp_path: Path) -> None:
     (tmp_path / "cleanmail.toml").write_text(
         'relay = "10.0.0.5:25"\nquarantine_threshold = 7\nsecret_key = ["old", "new"]\n'
     )
-    cfg = config.load({"CLEANMAIL_DATA_DIR": str(tmp_path), "CLEANMAIL_QUARANTINE_THRESHOLD": "6.5"})
+    cfg = config.load(
+        {"CLEANMAIL_DATA_DIR": str(tmp_path), "CLEANMAIL_QUARANTINE_THRESHOLD": "6.5"}
+    )
     assert str(cfg.relay) == "10.0.0.5:25"
     assert cfg.quarantine_threshold == 6.5
     assert cfg.secret_keys == ("old", "new")
@@ -56,10 +58,12 @@ def test_wrong_values_fail_with_one_line_naming_the_setting(
 
 def test_shared_database_needs_a_secret_key(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="CLEANMAIL_SECRET_KEY is not set"):
-        config.load({
-            "CLEANMAIL_DATA_DIR": str(tmp_path),
-            "CLEANMAIL_DATABASE_URL": "postgresql+psycopg://cm@db/cleanmail",
-        })
+        config.load(
+            {
+                "CLEANMAIL_DATA_DIR": str(tmp_path),
+                "CLEANMAIL_DATABASE_URL": "postgresql+psycopg://cm@db/cleanmail",
+            }
+        )
 
 
 def test_unknown_instance_setting_is_named(tmp_path: Path) -> None:

@@ -25,8 +25,20 @@ def test_normalize(text: str, canonical: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "   ", "*", "*@*", "com", "user@", "a b@example.com", "user@exa_mple.com",
-             "x" * 400, "user@-bad.com", "<script>@example.com"],
+    "text",
+    [
+        "",
+        "   ",
+        "*",
+        "*@*",
+        "com",
+        "user@",
+        "a b@example.com",
+        "user@exa_mple.com",
+        "x" * 400,
+        "user@-bad.com",
+        "<script>@example.com",
+    ],
 )
 def test_invalid_patterns_say_why(text: str) -> None:
     with pytest.raises(lists.ListError):
@@ -67,8 +79,10 @@ def test_mailbox_beats_domain_beats_global() -> None:
 
 
 def test_narrower_pattern_wins_and_block_wins_a_tie() -> None:
-    rules = [rule(1, "mailbox", "block", "example.com"),
-             rule(2, "mailbox", "allow", "boss@example.com")]
+    rules = [
+        rule(1, "mailbox", "block", "example.com"),
+        rule(2, "mailbox", "allow", "boss@example.com"),
+    ]
     assert lists.decide(rules, [("from", "boss@example.com")])[0].action == "allow"
     tie = [rule(1, "mailbox", "allow", "example.com"), rule(2, "mailbox", "block", "other.com")]
     senders = [("envelope", "x@example.com"), ("from", "y@other.com")]
@@ -76,8 +90,10 @@ def test_narrower_pattern_wins_and_block_wins_a_tie() -> None:
 
 
 def test_match_says_which_sender_matched() -> None:
-    match = lists.decide([rule(1, "mailbox", "allow", "bank.no")],
-                         [("envelope", "bounce@mailer.net"), ("from", "post@bank.no")])[0]
+    match = lists.decide(
+        [rule(1, "mailbox", "allow", "bank.no")],
+        [("envelope", "bounce@mailer.net"), ("from", "post@bank.no")],
+    )[0]
     assert (match.via, match.address) == ("from", "post@bank.no")
 
 

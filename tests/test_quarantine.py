@@ -1,4 +1,4 @@
-"""Quarantine operations on both databases: hold once, share the file, remove it with the last row."""
+"""Quarantine operations on both databases: hold once, share a file, remove it with the last row."""
 
 from sqlalchemy import func, select
 
@@ -18,10 +18,18 @@ def setup_mailboxes(database, *addresses):
 
 def hold(database, store, raw, mailbox_ids):
     with database.session_scope(write=True) as session:
-        holds = [quarantine.Hold(i, 9.0, [{"code": "T", "text": "t", "score": 9}])
-                 for i in mailbox_ids]
-        return quarantine.hold(session, store, raw, mime.parse(raw),
-                               quarantine.Origin("spammer@example.com"), holds, retention_days=30)
+        holds = [
+            quarantine.Hold(i, 9.0, [{"code": "T", "text": "t", "score": 9}]) for i in mailbox_ids
+        ]
+        return quarantine.hold(
+            session,
+            store,
+            raw,
+            mime.parse(raw),
+            quarantine.Origin("spammer@example.com"),
+            holds,
+            retention_days=30,
+        )
 
 
 def test_one_file_for_many_recipients_removed_with_the_last(database, store):
@@ -68,9 +76,11 @@ def test_a_rolled_back_delete_keeps_the_file(database, store):
 
 def test_hostile_headers_are_stored_safely(database, store):
     (ola,) = setup_mailboxes(database, "ola@example.no")
-    raw = (b"From: \"Evil\x00 <script>alert(1)</script>\" <e@evil.test>\r\n"
-           b"Subject: =?x-unknown?B?AAAA?= \xff\xfe \x00 nul\r\n"
-           b"Date: Mon, 99 Foo 99999 99:99:99\r\n\r\nbody\r\n")
+    raw = (
+        b'From: "Evil\x00 <script>alert(1)</script>" <e@evil.test>\r\n'
+        b"Subject: =?x-unknown?B?AAAA?= \xff\xfe \x00 nul\r\n"
+        b"Date: Mon, 99 Foo 99999 99:99:99\r\n\r\nbody\r\n"
+    )
     (message_id,) = hold(database, store, raw, [ola])
     with database.session_scope() as session:
         row = quarantine.get(session, message_id)

@@ -28,7 +28,9 @@ def domain_group() -> None:
 def domain_add(state: State, name: str, threshold: float | None) -> None:
     """Start serving a domain."""
     with state.database().session_scope(write=True) as session:
-        domain = mailboxes.add_domain(session, audit.cli_actor(), name, quarantine_threshold=threshold)
+        domain = mailboxes.add_domain(
+            session, audit.cli_actor(), name, quarantine_threshold=threshold
+        )
         click.echo(f"serving {domain.name}")
 
 
@@ -39,7 +41,9 @@ def domain_list(state: State) -> None:
     with state.database().session_scope() as session:
         for domain in mailboxes.list_domains(session):
             threshold = domain.quarantine_threshold
-            click.echo(f"{domain.name}\tthreshold={state.config.quarantine_threshold if threshold is None else threshold}")
+            if threshold is None:
+                threshold = state.config.quarantine_threshold
+            click.echo(f"{domain.name}\tthreshold={threshold}")
 
 
 @domain_group.command("remove")
@@ -76,11 +80,14 @@ def mailbox_list(state: State, domain: str | None) -> None:
     with state.database().session_scope() as session:
         held = (
             select(Message.mailbox_id, func.count().label("n"))
-            .where(Message.status == Status.NEW).group_by(Message.mailbox_id).subquery()
+            .where(Message.status == Status.NEW)
+            .group_by(Message.mailbox_id)
+            .subquery()
         )
         query = (
             select(Mailbox.address, Mailbox.role, func.coalesce(held.c.n, 0))
-            .outerjoin(held, held.c.mailbox_id == Mailbox.id).order_by(Mailbox.address)
+            .outerjoin(held, held.c.mailbox_id == Mailbox.id)
+            .order_by(Mailbox.address)
         )
         if domain:
             query = query.join(Domain, Domain.id == Mailbox.domain_id).where(
@@ -97,12 +104,25 @@ def mailbox_show(state: State, address: str) -> None:
     """Show a mailbox's settings and quarantine counts."""
     with state.database().session_scope() as session:
         mailbox = mailboxes.get_mailbox(session, address)
-        counts = dict(session.execute(
-            select(Message.status, func.count()).where(Message.mailbox_id == mailbox.id)
-            .group_by(Message.status)
-        ).all())
-        for key in ("address", "role", "language", "report_frequency", "timezone",
-                    "key_version", "disabled", "created_at", "last_login_at", "last_report_at"):
+        counts = dict(
+            session.execute(
+                select(Message.status, func.count())
+                .where(Message.mailbox_id == mailbox.id)
+                .group_by(Message.status)
+            ).all()
+        )
+        for key in (
+            "address",
+            "role",
+            "language",
+            "report_frequency",
+            "timezone",
+            "key_version",
+            "disabled",
+            "created_at",
+            "last_login_at",
+            "last_report_at",
+        ):
             click.echo(f"{key}: {getattr(mailbox, key)}")
         click.echo(f"password set: {mailbox.password_hash is not None}")
         click.echo("quarantine: " + ", ".join(f"{s}={counts.get(s, 0)}" for s in Status))
@@ -119,11 +139,13 @@ def _owner(session: Any, mailbox: str | None, domain: str | None, is_global: boo
 
 
 def _list_options(func: Any) -> Any:
-    for option in reversed([
-        click.option("--mailbox", help="A mailbox's own lists."),
-        click.option("--domain", help="A domain's lists."),
-        click.option("--global", "is_global", is_flag=True, help="The global lists."),
-    ]):
+    for option in reversed(
+        [
+            click.option("--mailbox", help="A mailbox's own lists."),
+            click.option("--domain", help="A domain's lists."),
+            click.option("--global", "is_global", is_flag=True, help="The global lists."),
+        ]
+    ):
         func = option(func)
     return func
 
@@ -138,8 +160,14 @@ def lists_group() -> None:
 @click.option("--allow", "allow", multiple=True, help="Pattern to allow.")
 @click.option("--block", "block", multiple=True, help="Pattern to block.")
 @pass_state
-def lists_add(state: State, mailbox: str | None, domain: str | None, is_global: bool,
-              allow: tuple[str, ...], block: tuple[str, ...]) -> None:
+def lists_add(
+    state: State,
+    mailbox: str | None,
+    domain: str | None,
+    is_global: bool,
+    allow: tuple[str, ...],
+    block: tuple[str, ...],
+) -> None:
     """Add patterns (address, domain, *@domain, *.domain) to a list."""
     if not allow and not block:
         raise lists.ListError("give --allow PATTERN or --block PATTERN")
@@ -156,8 +184,14 @@ def lists_add(state: State, mailbox: str | None, domain: str | None, is_global: 
 @click.option("--allow", "allow", multiple=True, help="Pattern to take off the allow list.")
 @click.option("--block", "block", multiple=True, help="Pattern to take off the block list.")
 @pass_state
-def lists_remove(state: State, mailbox: str | None, domain: str | None, is_global: bool,
-                 allow: tuple[str, ...], block: tuple[str, ...]) -> None:
+def lists_remove(
+    state: State,
+    mailbox: str | None,
+    domain: str | None,
+    is_global: bool,
+    allow: tuple[str, ...],
+    block: tuple[str, ...],
+) -> None:
     """Remove patterns from a list."""
     if not allow and not block:
         raise lists.ListError("give --allow PATTERN or --block PATTERN")
@@ -206,23 +240,30 @@ def _summary(message: Message, address: str) -> dict[str, Any]:
 @click.option("--limit", type=click.IntRange(1, 100000), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="A JSON array, one object per message.")
 @pass_state
-def quarantine_list(state: State, mailbox: str | None, status: str | None, limit: int,
-                    as_json: bool) -> None:
+def quarantine_list(
+    state: State, mailbox: str | None, status: str | None, limit: int, as_json: bool
+) -> None:
     """List quarantined messages, newest first."""
     with state.database().session_scope() as session:
         owner = mailboxes.get_mailbox(session, mailbox) if mailbox else None
         found = quarantine.list_messages(session, mailbox=owner, status=status, limit=limit)
-        addresses = dict(session.execute(
-            select(Mailbox.id, Mailbox.address).where(Mailbox.id.in_({m.mailbox_id for m in found}))
-        ).all())
+        addresses = dict(
+            session.execute(
+                select(Mailbox.id, Mailbox.address).where(
+                    Mailbox.id.in_({m.mailbox_id for m in found})
+                )
+            ).all()
+        )
         rows = [_summary(m, addresses[m.mailbox_id]) for m in found]
     if as_json:
         click.echo(json.dumps(rows, ensure_ascii=False, indent=1))
         return
     for row in rows:
         codes = ",".join(r.get("code", "?") for r in row["reasons"])
-        click.echo(f"{row['id']}\t{row['received_at'][:19]}\t{row['status']}\t{row['mailbox']}\t"
-                   f"{row['sender'] or '<>'}\t{row['subject'][:60]!s}\t{codes}")
+        click.echo(
+            f"{row['id']}\t{row['received_at'][:19]}\t{row['status']}\t{row['mailbox']}\t"
+            f"{row['sender'] or '<>'}\t{row['subject'][:60]!s}\t{codes}"
+        )
 
 
 @quarantine_group.command("show")
@@ -263,22 +304,35 @@ def quarantine_add(state: State, file: Path, rcpt: str, sender: str) -> None:
     address = mailboxes.normalize_address(rcpt)
     with state.database().session_scope(write=True) as session:
         domain = mailboxes.get_domain(session, address.rpartition("@")[2])
-        mailbox_id = mailboxes.ensure_mailboxes(session, [address], {domain.name: domain.id})[address]
+        mailbox_id = mailboxes.ensure_mailboxes(session, [address], {domain.name: domain.id})[
+            address
+        ]
         result = rules.RulesEngine().check(parsed, Envelope(sender=sender, recipients=(address,)))
         reasons = [{"code": "MANUAL", "text": "added to the quarantine by an operator", "score": 0}]
         reasons += [
-            {"code": "BLOCKED_ATTACHMENT", "text": f"blocked attachment {f.filename}: {f.reason}",
-             "score": 0}
+            {
+                "code": "BLOCKED_ATTACHMENT",
+                "text": f"blocked attachment {f.filename}: {f.reason}",
+                "score": 0,
+            }
             for f in attachments.scan(parsed.parts)
         ]
         reasons += [{"code": h.code, "text": h.text, "score": h.score} for h in result.hits]
         hold = quarantine.Hold(mailbox_id, result.score, reasons)
-        ids = quarantine.hold(session, state.store, raw, parsed, quarantine.Origin(sender), [hold],
-                              retention_days=state.config.retention_days)
+        ids = quarantine.hold(
+            session,
+            state.store,
+            raw,
+            parsed,
+            quarantine.Origin(sender),
+            [hold],
+            retention_days=state.config.retention_days,
+        )
         if not ids:
             raise quarantine.QuarantineError(f"{file} is already in the quarantine of {address}")
-        audit.record(session, audit.cli_actor(), "message.add", mailbox_id=mailbox_id,
-                     message_id=ids[0])
+        audit.record(
+            session, audit.cli_actor(), "message.add", mailbox_id=mailbox_id, message_id=ids[0]
+        )
     click.echo(f"quarantined as {ids[0]}")
 
 

@@ -34,7 +34,7 @@ def create_app(config: config_module.Config | None = None) -> Flask:
     return app
 
 
-def session():  # noqa: ANN201 - the Session type is imported lazily by callers
+def session():
     """The database session of the current request."""
     if "db_session" not in g:
         from flask import current_app

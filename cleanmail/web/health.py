@@ -14,7 +14,7 @@ bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
-def healthz():  # noqa: ANN201
+def healthz():
     """Report whether the database and the store can be used."""
     config = current_app.config["CLEANMAIL"]
     problems = []

@@ -1,0 +1,273 @@
+"""The verdict pipeline: lists, attachments, then the scoring engines, per recipient.
+
+``analyze`` is pure computation on the message (bounded by the filter's time limit);
+``decide`` reads the database; ``deliver`` stores the quarantined copies and then
+re-injects the passed ones, so that a 250 is only ever given for mail that is safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from cleanmail import lists, mailboxes, mime, quarantine
+from cleanmail.config import Config
+from cleanmail.db import Database
+from cleanmail.filter import attachments, auth
+from cleanmail.filter.engines import Engine, EngineResult, Envelope, Hit
+from cleanmail.models import Domain, ListAction
+from cleanmail.relay import Relay
+from cleanmail.store import Store
+
+log = logging.getLogger(__name__)
+
+PASS, QUARANTINE, REJECT = "pass", "quarantine", "reject"
+DOMAIN_CACHE_SECONDS = 5.0
+LIST_REASONS = {
+    "mailbox": ("LIST_BLOCK_MAILBOX", "sender blocked by you"),
+    "domain": ("LIST_BLOCK_DOMAIN", "sender blocked for your domain"),
+    "global": ("LIST_BLOCK_GLOBAL", "sender blocked for everyone"),
+}
+
+
+@dataclass(frozen=True)
+class ServedDomain:
+    """A served domain's id and thresholds."""
+
+    id: int
+    quarantine_threshold: float | None
+    reject_threshold: float | None
+
+
+@dataclass
+class Analysis:
+    """What the message itself says, the same for every recipient."""
+
+    parsed: mime.ParsedMessage
+    envelope: Envelope
+    findings: list[attachments.Finding]
+    result: EngineResult
+
+
+@dataclass
+class Decision:
+    """The verdict for one recipient."""
+
+    recipient: str
+    verdict: str
+    score: float = 0.0
+    reasons: list[dict[str, Any]] = field(default_factory=list)
+    mailbox_id: int | None = None
+
+
+def reason(code: str, text: str, score: float = 0.0) -> dict[str, Any]:
+    """A reason as stored with a message and shown to its owner."""
+    return {"code": code, "text": text, "score": round(score, 2)}
+
+
+class Pipeline:
+    """Decides each recipient's verdict and carries it out."""
+
+    def __init__(
+        self,
+        config: Config,
+        database: Database,
+        store: Store,
+        relay: Relay,
+        engines: Sequence[Engine],
+        authenticator: auth.Authenticator,
+    ) -> None:
+        self.config = config
+        self.database = database
+        self.store = store
+        self.relay = relay
+        self.engines = list(engines)
+        self.authenticator = authenticator
+        self._domains: dict[str, ServedDomain] = {}
+        self._domains_loaded = 0.0
+        self._domains_lock = threading.Lock()
+
+    def served_domains(self) -> dict[str, ServedDomain]:
+        """The served domains, re-read every few seconds so that new ones take effect."""
+        with self._domains_lock:
+            if time.monotonic() - self._domains_loaded > DOMAIN_CACHE_SECONDS:
+                with self.database.session_scope() as session:
+                    rows = session.execute(
+                        select(
+                            Domain.name,
+                            Domain.id,
+                            Domain.quarantine_threshold,
+                            Domain.reject_threshold,
+                        )
+                    )
+                    self._domains = {name: ServedDomain(*rest) for name, *rest in rows}
+                self._domains_loaded = time.monotonic()
+            return self._domains
+
+    def analyze(self, raw: bytes, envelope: Envelope) -> Analysis:
+        """Parse the message and run the checks that do not depend on the recipient."""
+        parsed = mime.parse(raw)
+        findings = attachments.scan(parsed.parts)
+        hits: list[Hit] = []
+        for engine in self.engines:
+            hits.extend(engine.check(parsed, envelope).hits)
+        return Analysis(parsed, envelope, findings, EngineResult.from_hits(hits))
+
+    def decide(self, analysis: Analysis) -> list[Decision]:
+        """The verdict for every recipient, from lists, attachments and score."""
+        served = self.served_domains()
+        envelope = analysis.envelope
+        ours = [r for r in envelope.recipients if mime.address_domain(r) in served]
+        decisions = [Decision(r, PASS) for r in envelope.recipients if r not in ours]
+        if not ours:
+            return decisions
+        domain_ids = {name: served[name].id for name in served}
+        with self.database.session_scope() as session:
+            ids = mailboxes.find_mailboxes(session, ours)
+        if len(ids) < len(set(ours)):
+            with self.database.session_scope(write=True) as session:
+                ids = mailboxes.ensure_mailboxes(session, ours, domain_ids)
+        with self.database.session_scope() as session:
+            rules = lists.rules_for(session, ids.values(), {d.id for d in served.values()})
+        senders = [("envelope", envelope.sender.lower()), ("from", analysis.parsed.from_address)]
+        auth_cache: list[auth.AuthResults] = []
+        for recipient in ours:
+            domain = served[mime.address_domain(recipient)]
+            mine = [
+                r
+                for r in rules
+                if r.scope == "global"
+                or (r.scope == "domain" and r.domain_id == domain.id)
+                or (r.scope == "mailbox" and r.mailbox_id == ids[recipient])
+            ]
+            matches = lists.decide(mine, senders)
+            decision = self._verdict(analysis, domain, matches, auth_cache)
+            decision.recipient, decision.mailbox_id = recipient, ids[recipient]
+            decisions.append(decision)
+        return decisions
+
+    def _verdict(
+        self,
+        analysis: Analysis,
+        domain: ServedDomain,
+        matches: list[lists.Match],
+        auth_cache: list[auth.AuthResults],
+    ) -> Decision:
+        reasons: list[dict[str, Any]] = []
+        for match in matches:
+            if match.action == ListAction.BLOCK:
+                code, text = LIST_REASONS[match.scope]
+                return Decision("", QUARANTINE, 0.0, [reason(code, f"{text}: {match.pattern}")])
+            if self._claim_refuted(analysis, match, auth_cache):
+                reasons.append(
+                    reason(
+                        "ALLOW_IGNORED_SPOOFED",
+                        f"allow entry {match.pattern} ignored: the sender failed SPF or DMARC",
+                    )
+                )
+                continue
+            if analysis.findings:
+                break  # allowed senders may still not send executables
+            return Decision(
+                "", PASS, 0.0, [reason("LIST_ALLOW", f"sender allowed: {match.pattern}")]
+            )
+        if analysis.findings:
+            reasons += [
+                reason(
+                    "BLOCKED_ATTACHMENT",
+                    f"blocked attachment {f.filename or '(unnamed)'}: {f.reason}",
+                )
+                for f in analysis.findings
+            ]
+            return Decision("", QUARANTINE, analysis.result.score, reasons)
+        result = analysis.result
+        reasons += [reason(hit.code, hit.text, hit.score) for hit in result.hits]
+        threshold = domain.quarantine_threshold
+        if threshold is None:
+            threshold = self.config.quarantine_threshold
+        if domain.reject_threshold is not None and result.score >= domain.reject_threshold:
+            return Decision("", REJECT, result.score, reasons)
+        verdict = QUARANTINE if result.score >= threshold else PASS
+        return Decision("", verdict, result.score, reasons)
+
+    def _claim_refuted(
+        self, analysis: Analysis, match: lists.Match, cache: list[auth.AuthResults]
+    ) -> bool:
+        """Whether SPF/DMARC refute the sender an allow entry matched (looked up lazily)."""
+        if not cache:
+            envelope = analysis.envelope
+            cache.append(
+                self.authenticator.check(
+                    analysis.parsed, envelope.sender, envelope.client_address, envelope.client_helo
+                )
+            )
+        return cache[0].fails_for(mime.address_domain(match.address), match.via)
+
+    def deliver(self, raw: bytes, analysis: Analysis, decisions: list[Decision]) -> str | None:
+        """Quarantine, then re-inject; returns a reject reply, or None when all went well.
+
+        Raises RelayError, StoreError or SQLAlchemyError; the server answers 4xx for those.
+        """
+        envelope = analysis.envelope
+        rejected = [d for d in decisions if d.verdict == REJECT]
+        if rejected and len(rejected) == len(decisions):
+            return REPLY_REJECTED
+        # SMTP has one reply for all recipients: where others are taken, rejects are held.
+        held = [d for d in decisions if d.verdict in (QUARANTINE, REJECT)]
+        if held:
+            origin = quarantine.Origin(
+                envelope.sender, envelope.client_address, envelope.client_helo
+            )
+            holds = [quarantine.Hold(d.mailbox_id, d.score, d.reasons) for d in held]
+            with self.database.session_scope(write=True) as session:
+                quarantine.hold(
+                    session,
+                    self.store,
+                    raw,
+                    analysis.parsed,
+                    origin,
+                    holds,
+                    retention_days=self.config.retention_days,
+                )
+        groups: dict[bytes, list[str]] = {}
+        for decision in decisions:
+            if decision.verdict == PASS:
+                prefix = b"" if decision.mailbox_id is None else pass_headers(decision)
+                groups.setdefault(prefix, []).append(decision.recipient)
+        for prefix, recipients in groups.items():
+            self.relay.send(
+                envelope.sender, recipients, raw, prefix=prefix, options=envelope.mail_options
+            )
+        return None
+
+
+REPLY_REJECTED = "550 5.7.1 Message refused as spam"
+
+
+def pass_headers(decision: Decision) -> bytes:
+    """The ``X-Cleanmail-*`` headers added to a passed copy (ASCII, folded)."""
+    codes = ", ".join(dict.fromkeys(r["code"] for r in decision.reasons)) or "none"
+    lines = [
+        "X-Cleanmail-Verdict: pass",
+        f"X-Cleanmail-Score: {decision.score:.2f}",
+        _fold(f"X-Cleanmail-Reasons: {codes}"),
+    ]
+    return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
+
+
+def _fold(line: str, width: int = 76) -> str:
+    words, out, current = line.split(" "), [], ""
+    for word in words:
+        if current and len(current) + 1 + len(word) > width:
+            out.append(current)
+            current = " " + word
+        else:
+            current = f"{current} {word}" if current else word
+    out.append(current)
+    return "\r\n".join(out)

@@ -1,0 +1,463 @@
+"""The embedded default engine: a table of scored rules, each cheap and bounded.
+
+Input is hostile: rules read bounded views (the first 100 KB of text and HTML, capped
+links, headers and parts), every regex is linear, and a rule that fails is skipped.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import html
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
+
+from cleanmail import mime
+from cleanmail.filter import auth, engines
+
+log = logging.getLogger(__name__)
+
+TEXT_LIMIT = 100_000
+MAX_LINKS = 200
+GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+# Linear patterns only: classes stop at "<" or ">", every repeat is bounded.
+_TAG = re.compile(r"<[^<>]{0,4000}>")
+_INVISIBLE_OPEN = re.compile(r"<(script|style|title)\b|<!--")
+_A_OPEN = re.compile(r"<a\s[^<>]{0,2000}>", re.I)
+_HREF = re.compile(r"href\s*=\s*[\"']?\s*([^\"'\s<>]{1,2000})", re.I)
+_URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'()]{1,2000}")  # on lower-cased text
+_HOST = re.compile(r"^[a-z][a-z0-9+.-]{0,20}://([^/?#\s\\]{1,500})", re.I)
+_SHOWN_URL = re.compile(
+    r"^(?:https?://)?((?:[a-z0-9-]{1,63}\.){1,10}[a-z]{2,24})(?:[/:?#]\S*)?$", re.I
+)
+_IP_HOST = re.compile(r"^(?:\d{1,3}\.){3}\d{1,3}$|^\d{8,10}$|^0x[0-9a-f]{8}$", re.I)
+_WORD = re.compile(r"[^\W_]+")
+_MONEY = re.compile(r"[$€£]\s?\d|\d\s?(?:usd|USD|eur|EUR|kr|Kr|KR|dkk|DKK|nok|NOK)\b")
+_RFC_DATE = re.compile(
+    r"\s*(?:[a-z]{3},\s*)?\d{1,2}\s+[a-z]{3}\s+\d{4}\s+\d{1,2}:\d\d(?::\d\d)?\s+"
+    r"(?:[+-]\d{4}|ut|gmt|z|[ecmp][sd]t)\b",
+    re.I,
+)
+_MSGID = re.compile(r"^<[^<>@\s]{1,500}@[^<>@\s]{1,500}>$")
+_DOLLAR_ID = re.compile(r"^<[0-9a-f]{12}\$[0-9a-f]{8}\$[0-9a-f]{8}@", re.I)
+_FILETIME_ID = re.compile(r"^<[0-9a-f]{4}01[cd][0-9a-f]{5}\$", re.I)
+_WEBMAIL_ID = re.compile(r"@(?:hotmail|msn|outlook|live)\.com>$")
+_SUBJECT_ID = re.compile(r"\s{4,}\S{1,40}$|\s[-_#]?[a-z]{0,6}\d{5,}[a-z]{0,4}$", re.I)
+_FROM_NUMS = re.compile(r"[a-z][a-z._-]{0,60}\d{4,}@", re.I)
+_DISPLAY_ADDRESS = re.compile(r"[\w.+-]{1,64}@((?:[\w-]{1,63}\.){1,8}[a-z]{2,24})", re.I)
+_CJK_CHARSET = re.compile(r"gb2312|gbk|gb18030|big5|euc-kr|ks_c_5601|iso-2022-kr|euc-cn", re.I)
+_LOCAL_FROM = re.compile(r"\b(?:localhost|127\.0\.0\.1|::1)\b", re.I)
+_SINGLE_HEADERS = ("From", "Date", "Subject", "To")
+_FETCHED = re.compile(r"\bwith (?:imap|pop3?|lmtp)\b", re.I)
+# These run on the lower-cased HTML: case-insensitive matching is several times slower.
+_BIG_FONT = re.compile(r"<font[^<>]{0,300}size\s*=\s*[\"']?\s*(?:\+[3-7]|[5-7])")
+_HIDDEN = re.compile(
+    r"display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*[01](?:\.\d+)?\s*(?:px|pt)?\s*[;\"']"
+    r"|<font[^<>]{0,300}size\s*=\s*[\"']?0\b"
+)
+_SCRIPT = re.compile(r"<script\b|\bon(?:load|click|mouseover|error)\s*=|javascript:")
+_FORM = re.compile(r"<form\b")
+_FRAME = re.compile(r"<(?:i?frame|object|embed|applet)\b")
+# Latin-1 letter bytes, for counting capitals at C speed with bytes.translate.
+_UPPER = bytes(range(65, 91)) + bytes(b for b in range(0xC0, 0xDF) if b != 0xD7)
+_LOWER = bytes(range(97, 123)) + bytes(b for b in range(0xDF, 0x100) if b != 0xF7)
+
+SHORTENERS = frozenset(
+    "bit.ly tinyurl.com goo.gl t.co ow.ly is.gd buff.ly rebrand.ly cutt.ly tiny.cc shorturl.at "
+    "rb.gy s.id t.ly v.gd bl.ink lnkd.in soo.gd clck.ru qr.ae x.co snip.ly short.io urlz.fr "
+    "shorte.st adf.ly tiny.one hyperurl.co".split()
+)
+
+# Wording in English, Norwegian bokmål and Danish, matched on whole lower-case words.
+PHRASES = {
+    "call_to_action": (
+        "click here|click below|click on the link|click this link|unsubscribe|to be removed|"
+        "remove me|removal instructions|opt out|visit our website|to be taken off|off our list|"
+        "remove in the subject|remove in subject|klikk her|trykk her|klikk på lenken|"
+        "meld deg av|avmeld|avslutt abonnementet|klik her|tryk her|klik på linket|afmeld|"
+        "frameld|meld dig fra"
+    ),
+    "money": (
+        "make money|earn money|extra income|free money|credit card|mortgage rates|"
+        "lower your mortgage|refinance|debt free|eliminate debt|consolidate|no credit check|"
+        "investment opportunity|financial freedom|million dollars|risk free|100 free|money back|"
+        "home based business|work from home|be your own boss|cash|earn|per week|per month|"
+        "special offer|save up to|home loan|interest rate|bulk email|email addresses|mlm|"
+        "multi level marketing|guaranteed|no risk|no cost|apply now|apply online|pre approved|"
+        "lowest price|best price|dear friend|satisfaction guaranteed|tjen penger|ekstra inntekt|"
+        "gratis penger|forbrukslån|lån uten sikkerhet|refinansier|lav rente|uten risiko|"
+        "garantert|tjen penge|ekstra indkomst|gratis penge|kviklån|lån uden sikkerhed|"
+        "uden risiko|garanteret"
+    ),
+    "pharma": (
+        "viagra|cialis|levitra|pharmacy|prescription|lose weight|weight loss|diet pills|herbal|"
+        "enlargement|penis|hgh|libido|erection|medication|vekttap|slankepiller|potensmidler|"
+        "reseptfritt|vægttab|receptfri|potensmiddel|apotek uten resept|apotek uden recept"
+    ),
+    "lottery": (
+        "you have won|you ve won|lottery|claim your prize|sweepstakes|you have been selected|"
+        "next of kin|beneficiary|bank account|strictly confidential|business proposal|dear sir|"
+        "congratulations you|du har vunnet|lotteri|gevinsten|premien|du har vundet|præmien|"
+        "gratulerer du|tillykke du"
+    ),
+    "urgency": (
+        "act now|limited time|urgent|order now|order today|call now|don t delay|do not delay|"
+        "hurry|last chance|while supplies last|once in a lifetime|haster|begrenset tid|"
+        "siste sjanse|bestill nå|skynd deg|kun i dag|begrænset tid|sidste chance|bestil nu|"
+        "skynd dig"
+    ),
+    "claim": (
+        "this is not spam|not unsolicited|you are receiving this|you received this|opt in|"
+        "no obligation|100 legal|dette er ikke spam|det er ikke spam|uten forpliktelser|"
+        "uden forpligtelser"
+    ),
+}
+
+
+def _trie(phrases: list[str]) -> str:
+    """One alternation shaped as a prefix tree, which re scans far faster than a flat list."""
+    root: dict = {}
+    for phrase in phrases:
+        node = root
+        for char in phrase:
+            node = node.setdefault(char, {})
+        node[""] = {}  # a phrase ends here
+
+    def emit(node: dict) -> str:
+        branches = [re.escape(char) + emit(child) for char, child in sorted(node.items()) if char]
+        if not branches:
+            return ""
+        return "(?:" + "|".join(branches) + (")?" if "" in node else ")")
+
+    return emit(root)
+
+
+_FAMILY = {
+    " ".join(_WORD.findall(phrase)): family
+    for family, phrases in PHRASES.items()
+    for phrase in phrases.split("|")
+}
+# Words are joined by single spaces, so " (...)(?= )" only matches whole words.
+_PHRASE = re.compile(" (" + _trie(sorted(_FAMILY)) + ")(?= )")
+
+
+class View:
+    """Bounded, lazily computed views of one message that the rules share."""
+
+    def __init__(
+        self, message: mime.ParsedMessage, envelope: engines.Envelope, now: datetime
+    ) -> None:
+        self.message = message
+        self.envelope = envelope
+        self.now = now
+
+    @cached_property
+    def arrival(self) -> datetime | None:
+        return arrival(self.message.headers.get_all("Received") or [])
+
+    @cached_property
+    def text(self) -> str:
+        return self.message.text_body[:TEXT_LIMIT]
+
+    @cached_property
+    def html(self) -> str:
+        return self.message.html_body[:TEXT_LIMIT]
+
+    @cached_property
+    def html_lower(self) -> str:
+        return self.html.lower()
+
+    @cached_property
+    def html_visible(self) -> str:
+        """The HTML's readable text: no tags, scripts, styles or comments."""
+        return " ".join(_unescape(_TAG.sub(" ", _drop_invisible(self.html))).split())
+
+    @cached_property
+    def body(self) -> str:
+        """The readable body: the plain text, or the visible HTML text when there is none."""
+        return self.text if self.text.strip() else self.html_visible
+
+    @cached_property
+    def words(self) -> str:
+        """Subject and body as lower-case words joined by single spaces, padded."""
+        return " " + " ".join(_WORD.findall(f"{self.message.subject}\n{self.body}".lower())) + " "
+
+    @cached_property
+    def phrases(self) -> dict[str, set[str]]:
+        """The typical spam phrases found in the subject and body, by family."""
+        found: dict[str, set[str]] = {}
+        for phrase in _PHRASE.findall(self.words):
+            found.setdefault(_FAMILY[phrase], set()).add(phrase)
+        return found
+
+    @cached_property
+    def links(self) -> list[tuple[str, str]]:
+        """(href, visible anchor text) pairs from the HTML, then bare URLs from the text."""
+        found: list[tuple[str, str]] = []
+        for match in _A_OPEN.finditer(self.html):
+            href = _HREF.search(match.group(0))
+            if href:
+                end = self.html.find("</a", match.end(), match.end() + 1000)
+                label = self.html[match.end() : end] if end >= 0 else ""
+                label = " ".join(_unescape(_TAG.sub(" ", label)).split())
+                found.append((_unescape(href.group(1)), label))
+            if len(found) >= MAX_LINKS:
+                return found
+        for match in _URL.finditer(self.text.lower()):
+            found.append((match.group(0), ""))
+            if len(found) >= MAX_LINKS:
+                break
+        return found
+
+    @cached_property
+    def hosts(self) -> list[str]:
+        return [host for href, _ in self.links if (host := url_host(href))]
+
+
+def _unescape(text: str) -> str:
+    return html.unescape(text) if "&" in text else text
+
+
+def _drop_invisible(text: str) -> str:
+    """Cut scripts, styles, titles and comments; an unclosed one hides the rest."""
+    lower = text.lower()
+    if len(lower) != len(text):  # a few characters grow when lower-cased; keep offsets aligned
+        lower = text
+    out, pos = [], 0
+    while match := _INVISIBLE_OPEN.search(lower, pos):
+        out.append(text[pos : match.start()])
+        closer = "-->" if match.group(0) == "<!--" else f"</{match.group(1)}"
+        end = lower.find(closer, match.end())
+        if end < 0:
+            return "".join(out)
+        pos = end + len(closer)
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def url_host(url: str) -> str:
+    """The lower-case host of a URL (``www.`` URLs without a scheme too), or ``""``."""
+    url = url.strip()
+    if url[:4].lower() == "www.":
+        url = "http://" + url
+    match = _HOST.match(url)
+    return match.group(1).rpartition("@")[2].partition(":")[0].lower().rstrip(".") if match else ""
+
+
+def other_site(shown: str, actual: str) -> bool:
+    """True when two host names belong to different registrable domains."""
+    return auth.organizational_domain(shown) != auth.organizational_domain(actual)
+
+
+def arrival(received: list[str]) -> datetime | None:
+    """When the message reached us: the newest Received header that is not a local hop."""
+    # Local hops (content filter re-injection, fetchmail, LMTP) can come long after arrival.
+    for value in received[:10]:
+        value = " ".join(str(value)[:2000].split())
+        if _LOCAL_FROM.search(value.partition(" by ")[0]) or _FETCHED.search(value):
+            continue
+        try:
+            when = email.utils.parsedate_to_datetime(value.rpartition(";")[2].strip())
+        except (TypeError, ValueError, IndexError, OverflowError):
+            continue
+        return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
+    return None
+
+
+def caps_ratio(text: str, minimum: int) -> float:
+    """The share of capitals among Latin-1 letters, 0 when there are fewer than ``minimum``."""
+    data = text.encode("latin-1", "ignore")
+    upper = len(data) - len(data.translate(None, _UPPER))
+    letters = upper + len(data) - len(data.translate(None, _LOWER))
+    return upper / letters if letters >= minimum else 0.0
+
+
+# --- the tests that need more than a line -------------------------------------------
+
+
+def date_offset(view: View) -> timedelta | None:
+    """How much later the Date header is than the arrival (negative: dated before it)."""
+    sent = view.message.date
+    return None if sent is None else sent - (view.arrival or view.now)
+
+
+def forged_msgid(view: View) -> bool:
+    # Outlook builds "$"-style IDs from a timestamp; bulk tools copy the shape, not the time.
+    msgid, mailer = view.message.message_id, view.message.header("X-Mailer").lower()
+    if _DOLLAR_ID.match(msgid):
+        return not _FILETIME_ID.match(msgid)
+    # Windows Outlook Express named as the mailer, with an ID that neither it nor webmail makes.
+    if "outlook express" not in mailer or "macintosh" in mailer:
+        return False
+    return not _WEBMAIL_ID.search(msgid[-40:])
+
+
+def many_recipients(view: View) -> bool:
+    headers = view.message.headers
+    raw = (headers.get_all("To") or [])[:50] + (headers.get_all("Cc") or [])[:50]
+    if sum(str(value).count("@") for value in raw) < 10:
+        return False  # the common case, without decoding and parsing addresses
+    values = [mime.decode_header(value)[:20000] for value in raw]
+    return len({a.lower() for _, a in email.utils.getaddresses(values) if "@" in a}) >= 10
+
+
+def from_display_spoof(view: View) -> bool:
+    # A display name that is itself an address at another domain impersonates that sender.
+    name, address = view.message.from_header.rpartition("<")[0], view.message.from_address
+    shown = _DISPLAY_ADDRESS.search(name[:500])
+    if not shown or not address:
+        return False
+    return other_site(shown.group(1), mime.address_domain(address))
+
+
+def cjk_charset(view: View) -> bool:
+    headers = [str(part.message.get("Content-Type", ""))[:300] for part in view.message.parts[:20]]
+    headers.append(str(view.message.headers.get("Subject", ""))[:500])
+    return any(_CJK_CHARSET.search(value) for value in headers)
+
+
+def link_text_mismatch(view: View) -> bool:
+    # The link's text is itself an address of one site while the link goes to another.
+    for href, label in view.links:
+        shown, target = _SHOWN_URL.match(label[:300]), url_host(href)
+        if shown and target and other_site(shown.group(1), target):
+            return True
+    return False
+
+
+def base64_text(view: View) -> bool:
+    for part in view.message.parts[:50]:
+        encoding = str(part.message.get("Content-Transfer-Encoding", ""))[:100]
+        if part.is_body_text and encoding.strip().lower() == "base64":
+            return True
+    return False
+
+
+def _found(pattern: re.Pattern[str], source: str) -> Callable[[View], bool]:
+    return lambda view: pattern.search(getattr(view, source)) is not None
+
+
+def _header(name: str, test: Callable[[str], object]) -> Callable[[View], bool]:
+    return lambda view: bool(test(view.message.header(name)))
+
+
+def _html_only(view: View) -> bool:
+    return bool(view.html) and not view.text.strip()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One scored test; ``test`` sees the shared bounded view of the message."""
+
+    code: str
+    score: float
+    text: str
+    test: Callable[[View], bool]
+
+
+# A rule's score reflects how much likelier spam is than ham to trigger it, capped at 2.5
+# (GTUBE aside) so that only several independent signs together reach 5.0.
+RULES: tuple[Rule, ...] = (
+    Rule("GTUBE", 1000.0, "known spam test pattern (GTUBE)",
+         lambda v: GTUBE in v.message.raw or GTUBE.decode() in v.text + v.html),
+    Rule("MISSING_DATE", 1.0, "the message has no date", _header("Date", lambda h: not h)),
+    Rule("MISSING_MESSAGE_ID", 1.0, "the message has no message ID",
+         _header("Message-ID", lambda h: not h)),
+    Rule("MISSING_FROM", 1.5, "the sender address is missing or unreadable",
+         lambda v: not v.message.from_address),
+    Rule("DATE_IN_FUTURE", 2.0, "the message is dated in the future",
+         lambda v: (date_offset(v) or timedelta()) > timedelta(hours=6)),
+    # Without a trusted arrival time "now" proves nothing: the message may be old in storage.
+    Rule("DATE_IN_PAST", 1.0, "the message is dated days before it arrived",
+         lambda v: v.arrival is not None and (date_offset(v) or timedelta()) < -timedelta(days=4)),
+    Rule("DATE_BAD_ZONE", 2.0, "the message date has an impossible time zone",
+         _header("Date", lambda h: abs((email.utils.parsedate_tz(h) or [0] * 10)[9] or 0) > 50400)),
+    Rule("DATE_MALFORMED", 1.5, "the message date is not written the way mail programs write it",
+         _header("Date", lambda h: h and not _RFC_DATE.match(h))),
+    Rule("SUBJECT_CAPS", 1.0, "the subject is mostly capital letters",
+         lambda v: caps_ratio(v.message.subject[:300], 10) >= 0.7),
+    Rule("SUBJECT_SHOUTING", 1.5, "the subject has many !!! or $$$",
+         _header("Subject", lambda h: h.count("!") >= 3 or "$$" in h or "!!" in h)),
+    Rule("SUBJECT_TRACKING_ID", 1.0, "the subject ends in a tracking number",
+         _header("Subject", _SUBJECT_ID.search)),
+    Rule("MSGID_NO_DOMAIN", 1.5, "the message ID has no proper domain",
+         _header("Message-ID", lambda h: h and not _MSGID.match(h))),
+    Rule("FORGED_MSGID", 2.5, "the mail program named in the headers looks forged", forged_msgid),
+    Rule("MANY_RECIPIENTS", 1.5, "the message is addressed to many people", many_recipients),
+    Rule("TO_UNDISCLOSED", 1.0, "the recipients are hidden",
+         _header("To", lambda h: "undisclosed" in h.lower())),
+    Rule("FROM_DISPLAY_SPOOF", 2.0, "the sender name shows a different address",
+         from_display_spoof),
+    Rule("FROM_ENDS_IN_NUMS", 1.0, "the sender address ends in many digits",
+         lambda v: bool(_FROM_NUMS.search(v.message.from_address))),
+    Rule("DUPLICATE_HEADERS", 1.5, "the message repeats headers that must appear once",
+         lambda v: any(len(v.message.headers.get_all(n) or []) > 1 for n in _SINGLE_HEADERS)),
+    Rule("HIGH_PRIORITY", 1.0, "the message is marked as high priority",
+         lambda v: v.message.header("X-Priority")[:1] == "1"
+         or v.message.header("X-MSMail-Priority").lower() == "high"),
+    Rule("MIME_DEFECTS", 1.0, "the message structure is malformed",
+         lambda v: bool(v.message.defects)),
+    Rule("CJK_CHARSET", 1.5, "the message uses an East Asian character set", cjk_charset),
+    Rule("LINK_TO_IP", 2.5, "a link points to a bare IP address",
+         lambda v: any(_IP_HOST.match(host) for host in v.hosts)),
+    Rule("LINK_SHORTENER", 1.0, "a link uses a URL shortener that hides its target",
+         lambda v: any(host.removeprefix("www.") in SHORTENERS for host in v.hosts)),
+    Rule("LINK_TEXT_MISMATCH", 1.0, "a link shows one site but goes to another",
+         link_text_mismatch),
+    Rule("HTML_ONLY", 0.5, "the message is HTML only", _html_only),
+    Rule("HTML_LITTLE_TEXT", 1.5, "the HTML-only message has very little text",
+         lambda v: _html_only(v) and len(v.html_visible) < 400),
+    Rule("HTML_IMAGE_ONLY", 2.0, "the message is mostly images",
+         lambda v: _html_only(v) and "<img" in v.html_lower and len(v.html_visible) < 150),
+    Rule("HTML_HIDDEN_TEXT", 2.0, "the message contains hidden or tiny text",
+         _found(_HIDDEN, "html_lower")),
+    Rule("HTML_BIG_FONT", 1.5, "the message uses very large letters",
+         _found(_BIG_FONT, "html_lower")),
+    Rule("HTML_SCRIPT", 0.5, "the message contains scripts", _found(_SCRIPT, "html_lower")),
+    Rule("HTML_FORM", 0.5, "the message contains a form to fill in", _found(_FORM, "html_lower")),
+    Rule("HTML_FRAME", 0.5, "the message embeds other pages or objects",
+         _found(_FRAME, "html_lower")),
+    Rule("BASE64_TEXT", 0.5, "the text of the message is base64-encoded", base64_text),
+    Rule("BODY_CAPS", 2.0, "much of the text is in capital letters",
+         lambda v: caps_ratio(v.body[:20000], 200) > 0.3),
+    Rule("BODY_EXCLAIM", 1.0, "the text has many exclamation marks",
+         lambda v: v.body.count("!") >= 10),
+    Rule("MONEY_AMOUNTS", 0.5, "the text mentions many money amounts",
+         lambda v: len(_MONEY.findall(v.body)) >= 3),
+    Rule("SPAM_PHRASES", 2.0, "typical spam wording with a call to click",
+         lambda v: "call_to_action" in v.phrases and len(v.phrases) >= 2),
+    Rule("SPAM_PHRASES_MANY", 2.0, "much typical spam wording",
+         lambda v: sum(len(p) for f, p in v.phrases.items() if f != "call_to_action") >= 5),
+)  # fmt: skip
+
+
+class RulesEngine:
+    """The embedded engine: sums the scores of the rules a message triggers."""
+
+    name = "rules"
+
+    def __init__(
+        self, rules: tuple[Rule, ...] = RULES, clock: Callable[[], datetime] | None = None
+    ) -> None:
+        self.rules = rules
+        self.clock = clock or (lambda: datetime.now(UTC))
+
+    def check(
+        self, message: mime.ParsedMessage, envelope: engines.Envelope
+    ) -> engines.EngineResult:
+        """Score a message by the rules it triggers; never raises on odd input."""
+        view = View(message, envelope, self.clock())
+        hits = []
+        for rule in self.rules:
+            try:
+                triggered = rule.test(view)
+            except Exception:  # one broken rule must not cost the whole verdict
+                log.exception("rule %s failed", rule.code)
+                continue
+            if triggered:
+                hits.append(engines.Hit(rule.code, rule.score, rule.text))
+        return engines.EngineResult.from_hits(hits)

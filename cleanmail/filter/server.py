@@ -1,0 +1,255 @@
+"""The SMTP content filter daemon: Postfix hands mail over here after its queue.
+
+Reply strings are constants; any unexpected trouble is logged and answered 451
+so that Postfix keeps the message and tries again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+from sqlalchemy.exc import SQLAlchemyError
+
+from cleanmail import mailboxes
+from cleanmail.config import Config
+from cleanmail.filter.engines import Envelope as CheckEnvelope
+from cleanmail.filter.pipeline import Pipeline
+from cleanmail.relay import RelayError
+from cleanmail.store import StoreError
+
+log = logging.getLogger(__name__)
+
+REPLY_OK = "250 2.0.0 Ok: {id}"
+REPLY_TOO_BIG = "552 5.3.4 Message too big for this system"
+REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
+REPLY_BAD_RCPT = "501 5.1.3 Bad recipient address syntax"
+REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+REPLY_TIMEOUT = "451 4.4.5 Timed out while checking the message, try again later"
+REPLY_STORE_FAILED = "451 4.3.0 Cannot store the message now, try again later"
+REPLY_DB_FAILED = "451 4.3.0 Database unavailable, try again later"
+REPLY_RELAY_FAILED = "451 4.4.1 Next hop unavailable, try again later"
+REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
+XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PROTO", "HELO")
+LINE_LIMIT = 64 * 1024
+
+
+class FilterSMTP(SMTP):
+    """aiosmtpd's server with XFORWARD and RFC 3463 codes for size refusals."""
+
+    # Mail with lines longer than RFC 5321 allows is common enough to accept rather than bounce.
+    line_length_limit = LINE_LIMIT
+
+    async def push(self, status: Any) -> None:
+        """Send a reply, giving aiosmtpd's own size refusals their enhanced status code."""
+        if isinstance(status, str) and status.startswith("552 Error:"):
+            status = REPLY_TOO_BIG
+        await super().push(status)
+
+    @syntax("XFORWARD attribute=value ...")
+    async def smtp_XFORWARD(self, arg: str | None) -> None:
+        """Take the original client's name, address and HELO from Postfix."""
+        attributes: dict[str, str] = getattr(self.session, "xforward", {})
+        for item in (arg or "").split():
+            name, _eq, value = item.partition("=")
+            if name.upper() in XFORWARD_ATTRIBUTES and value not in (
+                "[UNAVAILABLE]",
+                "[TEMPUNAVAIL]",
+            ):
+                attributes[name.upper()] = value.removeprefix("IPV6:")[:255]
+        self.session.xforward = attributes  # type: ignore[union-attr]
+        await self.push("250 2.0.0 Ok")
+
+
+class Handler:
+    """aiosmtpd hooks that run the pipeline off the event loop."""
+
+    def __init__(self, config: Config, pipeline: Pipeline, executor: ThreadPoolExecutor) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.executor = executor
+        self.draining = False
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """Advertise XFORWARD (aiosmtpd already advertises SIZE)."""
+        session.host_name = hostname
+        last = responses.pop()
+        responses.append("250-XFORWARD " + " ".join(XFORWARD_ATTRIBUTES))
+        responses.append(last)
+        return responses
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        """Refuse new transactions while shutting down and mail that declares itself too big."""
+        if self.draining:
+            return REPLY_SHUTTING_DOWN
+        for option in options:
+            name, _eq, value = option.partition("=")
+            if (
+                name.upper() == "SIZE"
+                and value.isdigit()
+                and int(value) > self.config.max_message_size
+            ):
+                return REPLY_TOO_BIG
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        """Accept syntactically valid recipients, up to the per-transaction limit."""
+        if len(envelope.rcpt_tos) >= self.config.max_recipients:
+            return REPLY_TOO_MANY_RCPTS
+        try:
+            address = mailboxes.normalize_address(address)
+        except mailboxes.MailboxError:
+            return REPLY_BAD_RCPT
+        if address not in envelope.rcpt_tos:
+            envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        """Check the message and carry out each recipient's verdict."""
+        self.in_flight += 1
+        self.idle.clear()
+        started = time.monotonic()
+        try:
+            reply = await self._process(session, envelope)
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self.idle.set()
+        log.info(
+            "message from=<%s> rcpts=%d size=%d reply=%r seconds=%.3f",
+            envelope.mail_from,
+            len(envelope.rcpt_tos),
+            len(envelope.original_content or b""),
+            reply,
+            time.monotonic() - started,
+        )
+        return reply
+
+    async def _process(self, session: Session, envelope: Envelope) -> str:
+        loop = asyncio.get_running_loop()
+        raw: bytes = envelope.original_content or b""
+        forwarded = getattr(session, "xforward", {})
+        check_envelope = CheckEnvelope(
+            sender=envelope.mail_from or "",
+            recipients=tuple(envelope.rcpt_tos),
+            client_address=forwarded.get("ADDR"),
+            client_helo=forwarded.get("HELO"),
+            mail_options=tuple(o.upper() for o in envelope.mail_options),
+        )
+        try:
+            analysis = await asyncio.wait_for(
+                loop.run_in_executor(self.executor, self.pipeline.analyze, raw, check_envelope),
+                self.config.verdict_timeout,
+            )
+        except TimeoutError:
+            log.error(
+                "checking a message from <%s> took longer than %ss",
+                envelope.mail_from,
+                self.config.verdict_timeout,
+            )
+            return REPLY_TIMEOUT
+        except Exception:
+            log.exception("checking a message from <%s> failed", envelope.mail_from)
+            return REPLY_INTERNAL
+        try:
+            return await loop.run_in_executor(self.executor, self._deliver, raw, analysis)
+        except RelayError as exc:
+            log.warning("relay refused a message from <%s>: %s", envelope.mail_from, exc)
+            return REPLY_RELAY_FAILED if exc.temporary else f"{exc.code} {exc.text}"
+        except StoreError as exc:
+            log.error("store failed: %s", exc)
+            return REPLY_STORE_FAILED
+        except SQLAlchemyError as exc:
+            log.error("database failed: %s", str(exc).splitlines()[0])
+            return REPLY_DB_FAILED
+        except Exception:
+            log.exception("delivering a message from <%s> failed", envelope.mail_from)
+            return REPLY_INTERNAL
+
+    def _deliver(self, raw: bytes, analysis: Any) -> str:
+        decisions = self.pipeline.decide(analysis)
+        refused = self.pipeline.deliver(raw, analysis, decisions)
+        if refused:
+            return refused
+        verdicts = ",".join(f"{d.verdict}" for d in decisions)
+        return REPLY_OK.format(id=f"{len(raw)} bytes, {verdicts}")
+
+
+async def serve(
+    config: Config,
+    pipeline: Pipeline,
+    *,
+    ready: Any = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run the filter until ``stop`` is set (by default on SIGTERM or SIGINT), then drain."""
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="check")
+    handler = Handler(config, pipeline, executor)
+    protocols: weakref.WeakSet[FilterSMTP] = weakref.WeakSet()
+
+    def factory() -> FilterSMTP:
+        protocol = FilterSMTP(
+            handler,
+            data_size_limit=config.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=config.hostname,
+            ident="Cleanmail",
+            timeout=600,
+        )
+        protocols.add(protocol)
+        return protocol
+
+    listen = config.filter_listen
+    server = await loop.create_server(
+        factory,
+        host=listen.host,
+        port=listen.port,
+        reuse_port=True,
+        family=socket.AF_INET6 if ":" in listen.host else socket.AF_INET,
+    )
+    if stop is None:
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+    log.info("filter listening on %s, relaying to %s", listen, config.relay)
+    if ready is not None:
+        ready()
+    await stop.wait()
+    log.info("stopping: finishing %d messages in flight", handler.in_flight)
+    handler.draining = True
+    server.close()
+    try:
+        await asyncio.wait_for(handler.idle.wait(), timeout=config.verdict_timeout + 60)
+    except TimeoutError:
+        log.error("gave up waiting for %d messages in flight", handler.in_flight)
+    for protocol in list(protocols):
+        if protocol.transport is not None:
+            protocol.transport.close()
+    await server.wait_closed()
+    executor.shutdown(wait=False, cancel_futures=True)
+    log.info("filter stopped")
