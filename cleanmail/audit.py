@@ -36,6 +36,7 @@ def record(
     session: Session,
     actor: Actor,
     action: str,
+    /,
     *,
     mailbox_id: int | None = None,
     message_id: int | None = None,

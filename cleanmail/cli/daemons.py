@@ -41,8 +41,7 @@ def filter_command(state: State) -> None:
     """Run the SMTP content filter on CLEANMAIL_FILTER_LISTEN."""
     from cleanmail.filter import daemon
 
-    state.config.store_dir.mkdir(parents=True, exist_ok=True)
-    daemon.run(state.config)
+    sys.exit(daemon.run(state.config))
 
 
 @cli.command("web")

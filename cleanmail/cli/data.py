@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -275,7 +276,8 @@ def quarantine_show(state: State, message_id: int, raw: bool) -> None:
     with state.database().session_scope() as session:
         message = quarantine.get(session, message_id)
         if raw:
-            click.get_binary_stream("stdout").write(quarantine.raw(state.store, message))
+            sys.stdout.flush()
+            sys.stdout.buffer.write(quarantine.raw(state.store, message))
             return
         row = _summary(message, message.mailbox.address)
     for key, value in row.items():

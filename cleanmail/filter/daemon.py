@@ -1,8 +1,11 @@
-"""Builds the filter's parts from the configuration and runs it in this process."""
+"""Builds the filter's parts from the configuration and runs it, in one or more processes."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import signal
 from collections.abc import Callable
 
 from cleanmail import db
@@ -11,6 +14,8 @@ from cleanmail.filter import auth, rules, server
 from cleanmail.filter.pipeline import Pipeline
 from cleanmail.relay import Relay
 from cleanmail.store import Store
+
+log = logging.getLogger(__name__)
 
 
 def build_pipeline(config: Config, database: db.Database) -> Pipeline:
@@ -29,11 +34,55 @@ def build_pipeline(config: Config, database: db.Database) -> Pipeline:
     )
 
 
-def run(config: Config, *, ready: Callable[[], None] | None = None) -> None:
+def run(config: Config, *, ready: Callable[[], None] | None = None) -> int:
     """Serve SMTP until told to stop; refuses to start on an unmigrated database."""
+    database = db.Database(config.database_url)
+    try:
+        db.check_migrated(database)
+    finally:
+        database.dispose()
+    config.store_dir.mkdir(parents=True, exist_ok=True)
+    if config.filter_workers == 1:
+        serve_one(config, ready=ready)
+        return 0
+    return _run_workers(config)
+
+
+def serve_one(config: Config, *, ready: Callable[[], None] | None = None) -> None:
+    """One filter process: its own database pool, event loop and worker threads."""
     database = db.Database(config.database_url, pool_size=20)
-    db.check_migrated(database)
     try:
         asyncio.run(server.serve(config, build_pipeline(config, database), ready=ready))
     finally:
         database.dispose()
+
+
+def _run_workers(config: Config) -> int:
+    """Fork workers that share the listening port (SO_REUSEPORT); pass signals on to them."""
+    children: list[int] = []
+    for _ in range(config.filter_workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                serve_one(config)
+            except BaseException:
+                log.exception("filter worker failed")
+                code = 1
+            os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                continue
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    failed = 0
+    for child in children:
+        _pid, status = os.waitpid(child, 0)
+        failed += os.waitstatus_to_exitcode(status) != 0
+    return 1 if failed else 0

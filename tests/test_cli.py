@@ -1,0 +1,188 @@
+"""The ``cleanmail`` command: data commands in-process, daemons as real processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+from click.testing import CliRunner
+
+from cleanmail.cli import cli, daemons, data  # noqa: F401 - registers the commands
+from cleanmail.config import Endpoint
+from tests.conftest import FilterProcess
+from tests.messages import GTUBE, message
+from tests.servers import SmtpSink, free_port
+
+
+@pytest.fixture
+def run(config):
+    """Run a cleanmail command against the test's configuration."""
+    env = FilterProcess(config).environment()
+
+    def invoke(*args: str, ok: bool = True):
+        result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    return invoke
+
+
+def test_domains_and_mailboxes(run):
+    assert "serving example.no" in run("domain", "add", "Example.NO").output
+    assert run("domain", "list").output.startswith("example.no\tthreshold=5.0")
+    assert "created ola@example.no" in run("mailbox", "add", "Ola@Example.no").output
+    assert "ola@example.no\towner\tnew=0" in run("mailbox", "list").output
+    shown = run("mailbox", "show", "ola@example.no").output
+    assert "language: nb" in shown and "password set: False" in shown
+    bad = run("mailbox", "add", "not an address", ok=False)
+    assert bad.exit_code == 1 and bad.output.count("\n") == 1 and "not a valid" in bad.output
+    assert "not a served domain" in run("mailbox", "add", "x@other.test", ok=False).output
+    assert "no longer serving" in run("domain", "remove", "example.no").output
+
+
+def test_lists(run):
+    run("domain", "add", "example.no")
+    run("mailbox", "add", "ola@example.no")
+    run("lists", "add", "--mailbox", "ola@example.no", "--allow", "*@Friend.test", "--block", "x.test")
+    run("lists", "add", "--global", "--block", "*.spam.test")
+    run("lists", "add", "--domain", "example.no", "--allow", "partner.test")
+    assert run("lists", "show", "--mailbox", "ola@example.no").output.splitlines() == [
+        "allow\tfriend.test",
+        "block\tx.test",
+    ]
+    run("lists", "add", "--mailbox", "ola@example.no", "--block", "friend.test")  # moves it
+    assert "allow" not in run("lists", "show", "--mailbox", "ola@example.no").output
+    run("lists", "remove", "--mailbox", "ola@example.no", "--block", "friend.test")
+    assert run("lists", "show", "--global").output == "block\t*.spam.test\n"
+    assert run("lists", "show", "--domain", "example.no").output == "allow\tpartner.test\n"
+    assert "exactly one of" in run("lists", "show", ok=False).output
+    assert "not an address" in run("lists", "add", "--global", "--block", "a b", ok=False).output
+    wrong = run("lists", "remove", "--global", "--allow", "*.spam.test", ok=False)
+    assert "not on the allow list" in wrong.output
+
+
+def test_quarantine_add_list_show(run, tmp_path, config):
+    run("domain", "add", "example.no")
+    raw = message(subject="Vinn en iPhone!", body=f"{GTUBE}\n")
+    path = tmp_path / "spam.eml"
+    path.write_bytes(b"From spammer@example.com Sat Jan  3 01:05:34 1996\n" + raw)
+    out = run("quarantine", "add", str(path), "--rcpt", "ola@example.no").output
+    message_id = int(out.split()[-1])
+    again = run("quarantine", "add", str(path), "--rcpt", "ola@example.no", ok=False)
+    assert "already in the quarantine" in again.output
+    (row,) = json.loads(run("quarantine", "list", "--json").output)
+    assert row["id"] == message_id and row["mailbox"] == "ola@example.no"
+    assert row["subject"] == "Vinn en iPhone!" and row["status"] == "new"
+    assert row["sender"] == "kari@example.com" and "received_at" in row
+    assert {"MANUAL", "GTUBE"} <= {r["code"] for r in row["reasons"]}
+    assert json.loads(run("quarantine", "list", "--json", "--status", "released").output) == []
+    assert "GTUBE" in run("quarantine", "show", str(message_id)).output
+    assert run("quarantine", "show", str(message_id), "--raw").stdout_bytes == raw
+    missing = run("quarantine", "show", "999999", ok=False)
+    assert missing.exit_code == 1 and "no quarantined message 999999" in missing.output
+
+
+def test_unmigrated_database_is_refused_with_one_line(tmp_path):
+    env = {"CLEANMAIL_DATA_DIR": str(tmp_path), "CLEANMAIL_SECRET_KEY": "x"}
+    for args in (["domain", "list"], ["filter"], ["web"]):
+        result = CliRunner().invoke(cli, args, env=env)
+        assert result.exit_code == 1
+        assert "not migrated: run `cleanmail db upgrade`" in result.output
+
+
+def test_bad_setting_exits_2_with_one_line(tmp_path):
+    env = {"CLEANMAIL_DATA_DIR": str(tmp_path), "CLEANMAIL_RELAY": "nowhere"}
+    result = CliRunner().invoke(cli, ["domain", "list"], env=env)
+    assert result.exit_code == 2
+    assert result.output == "cleanmail: error: CLEANMAIL_RELAY: expected HOST:PORT, got 'nowhere'\n"
+
+
+def wait_for_http(url: str, timeout: float = 30) -> bytes:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.read()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_serve_migrates_the_embedded_database_and_runs_every_daemon(tmp_path):
+    filter_port, web_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "CLEANMAIL_DATA_DIR": str(tmp_path / "instance"),
+        "CLEANMAIL_FILTER_LISTEN": f"127.0.0.1:{filter_port}",
+        "CLEANMAIL_WEB_LISTEN": f"127.0.0.1:{web_port}",
+    }
+    serve = subprocess.Popen([sys.executable, "-m", "cleanmail", "serve"], env=env)
+    try:
+        health = json.loads(wait_for_http(f"http://127.0.0.1:{web_port}/healthz"))
+        assert health == {"ok": True, "problems": []}
+        with smtplib.SMTP("127.0.0.1", filter_port, timeout=10) as client:
+            assert client.noop()[0] == 250
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(30) == 0
+    assert (tmp_path / "instance" / "cleanmail.db").exists()
+
+
+def test_sigterm_finishes_mail_in_flight(config, database):
+    with database.session_scope(write=True):
+        pass
+    slow = SmtpSink(on_message=lambda _m: time.sleep(2)).start()
+    try:
+        cfg = dataclasses.replace(config, relay=Endpoint("127.0.0.1", slow.port))
+        daemon = FilterProcess(cfg).start()
+        replies: list[int] = []
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", cfg.filter_listen.port, timeout=30) as client:
+                client.ehlo("x")
+                client.mail("a@example.com")
+                client.rcpt("someone@elsewhere.test")
+                replies.append(client.data(message())[0])
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        time.sleep(0.7)  # the message is now waiting on the slow relay
+        assert daemon.stop() == 0
+        sender.join(10)
+        assert replies == [250]
+        assert len(slow.messages) == 1
+    finally:
+        slow.stop()
+
+
+def test_several_filter_workers_share_the_port(config, smtp_sink):
+    cfg = dataclasses.replace(config, filter_workers=2)
+    daemon = FilterProcess(cfg)
+    daemon.environment = lambda: {  # type: ignore[method-assign]
+        **FilterProcess(cfg).environment(),
+        "CLEANMAIL_FILTER_WORKERS": "2",
+    }
+    daemon.start()
+    try:
+        time.sleep(1)
+        workers = subprocess.run(
+            ["pgrep", "-P", str(daemon.process.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(workers) == 2
+        for n in range(10):
+            with smtplib.SMTP("127.0.0.1", cfg.filter_listen.port, timeout=10) as client:
+                client.sendmail("a@example.com", ["x@elsewhere.test"], message(subject=f"m{n}"))
+        assert len(smtp_sink.wait_for(10)) == 10
+    finally:
+        assert daemon.stop() == 0
