@@ -53,7 +53,16 @@ def test_domains_and_mailboxes(run):
 def test_lists(run):
     run("domain", "add", "example.no")
     run("mailbox", "add", "ola@example.no")
-    run("lists", "add", "--mailbox", "ola@example.no", "--allow", "*@Friend.test", "--block", "x.test")
+    run(
+        "lists",
+        "add",
+        "--mailbox",
+        "ola@example.no",
+        "--allow",
+        "*@Friend.test",
+        "--block",
+        "x.test",
+    )
     run("lists", "add", "--global", "--block", "*.spam.test")
     run("lists", "add", "--domain", "example.no", "--allow", "partner.test")
     assert run("lists", "show", "--mailbox", "ola@example.no").output.splitlines() == [

@@ -231,3 +231,29 @@ def test_stored_message_is_shared_between_recipients(served, filter_server, stor
     assert send(filter_server.port, raw, rcpts=("ola@example.no", "kari@example.no"))[0] == 250
     rows = held(served)
     assert len(rows) == 2 and {r.raw_sha256 for r in rows} == {digest(raw)}
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_database_down_gives_451_and_recovers(served, filter_server, smtp_sink, postgres_server):
+    """A database that refuses connections: Postfix is told to retry, then it all works again."""
+    import psycopg
+    from psycopg import sql as pgsql
+
+    name = served.engine.url.database
+    served.engine.dispose()
+    filter_server.pipeline.database.engine.dispose()
+    with psycopg.connect(postgres_server.conninfo(), autocommit=True) as conn:
+        conn.execute(
+            pgsql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(pgsql.Identifier(name))
+        )
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", [name]
+        )
+    raw = message(body=f"{GTUBE}\n")
+    assert send(filter_server.port, raw)[0] == 451
+    with psycopg.connect(postgres_server.conninfo(), autocommit=True) as conn:
+        conn.execute(
+            pgsql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(pgsql.Identifier(name))
+        )
+    assert send(filter_server.port, raw)[0] == 250
+    assert len(held(served)) == 1
