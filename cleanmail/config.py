@@ -58,6 +58,8 @@ class Config:
     dns_servers: tuple[str, ...] = ()
     filter_workers: int = 1
     web_workers: int = 2
+    trusted_proxies: int = 0
+    mail_from: str = ""
     log_level: str = "INFO"
 
     @property
@@ -144,6 +146,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "dns_servers": _word_list,
     "filter_workers": _positive_int,
     "web_workers": _positive_int,
+    "trusted_proxies": int,
+    "mail_from": str,
     "log_level": _log_level,
 }
 
@@ -178,6 +182,7 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
     web = values["web_listen"]
     values.setdefault("base_url", f"http://{web}")
     values.setdefault("hostname", "cleanmail.localdomain")
+    values.setdefault("mail_from", f"Cleanmail <postmaster@{values['hostname']}>")
     keys = values.pop("secret_key", ())
     if not keys:
         keys = _embedded_secret_key(data_dir, values["database_url"])

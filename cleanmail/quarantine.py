@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from cleanmail import audit, mime, sql
 from cleanmail.models import Mailbox, Message, RawMessage, Status, utcnow
+from cleanmail.relay import Relay, RelayError
 from cleanmail.store import Store, digest
 
 
@@ -129,6 +130,59 @@ def raw(store: Store, message: Message) -> bytes:
     if message.raw_sha256 is None:
         raise QuarantineError(f"message {message.id} is {message.status}; its content is gone")
     return store.read(message.raw_sha256)
+
+
+class ReleaseFailed(QuarantineError):
+    """The mail server did not take a released message; it stays in the quarantine."""
+
+
+def release(
+    session: Session,
+    store: Store,
+    relay: Relay,
+    message: Message,
+    actor: audit.Actor,
+) -> bool:
+    """Deliver a held message to its mailbox once; False when it was already released.
+
+    The row is locked while the relay takes the message, so two releases at the same
+    time deliver it once. A refusal is recorded on the message (and raised) so that
+    the owner sees the error and can try again.
+    """
+    session.refresh(message, with_for_update=True)
+    if message.status == Status.RELEASED:
+        return False
+    if message.status != Status.NEW or message.raw_sha256 is None:
+        raise QuarantineError(f"message {message.id} is {message.status} and cannot be released")
+    raw = store.read(message.raw_sha256)
+    mailbox = session.get(Mailbox, message.mailbox_id)
+    assert mailbox is not None
+    now = utcnow()
+    header = f"X-Cleanmail-Released: by {actor.type} at {now:%Y-%m-%d %H:%M:%S} UTC\r\n"
+    message.release_attempts += 1
+    try:
+        relay.send(message.envelope_sender, [mailbox.address], raw, prefix=header.encode())
+    except RelayError as exc:
+        message.release_error = str(exc)[:1000]
+        audit.record(
+            session,
+            actor,
+            "message.release_failed",
+            mailbox_id=mailbox.id,
+            message_id=message.id,
+            error=message.release_error,
+        )
+        raise ReleaseFailed(message.release_error) from exc
+    message.status, message.released_at, message.release_error = Status.RELEASED, now, None
+    audit.record(
+        session,
+        actor,
+        "message.release",
+        mailbox_id=mailbox.id,
+        message_id=message.id,
+        subject=message.subject[:200],
+    )
+    return True
 
 
 def delete(session: Session, store: Store, message: Message, actor: audit.Actor) -> None:

@@ -221,3 +221,38 @@ class FilterProcess:
             return self.process.returncode if self.process else 0
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout)
+
+
+@pytest.fixture
+def app(config: config_module.Config, smtp_sink: SmtpSink):
+    """The web app on the test's database, releasing to the sink."""
+    from cleanmail.web import create_app
+
+    application = create_app(config)
+    application.config.update(TESTING=True)
+    yield application
+    application.extensions["cleanmail.db"].dispose()
+
+
+@pytest.fixture
+def client(app):
+    """A Flask test client."""
+    return app.test_client()
+
+
+@pytest.fixture
+def owner(database: db.Database):
+    """A served domain example.no with the mailbox ola@example.no (returned detached)."""
+    from cleanmail import audit, mailboxes
+
+    with database.session_scope(write=True) as session:
+        mailboxes.add_domain(session, audit.Actor("operator", "test"), "example.no")
+        return mailboxes.add_mailbox(session, audit.Actor("operator", "test"), "ola@example.no")
+
+
+def login_as(client, mailbox) -> None:
+    """Log a test client in as a mailbox, the way Flask-Login keeps it in the session."""
+    with client.session_transaction() as session:
+        session["_user_id"] = f"{mailbox.id}.{mailbox.key_version}"
+        session["_fresh"] = True
+        session["login_method"] = "link"

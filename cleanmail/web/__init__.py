@@ -1,43 +1,118 @@
-"""The Flask application factory."""
+"""The Flask application factory, the request's database session, and shared helpers."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
-from flask import Flask, g
+from flask import Flask, current_app, g, request
+from flask_wtf.csrf import CSRFProtect
+from sqlalchemy.orm import Session
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from cleanmail import config as config_module
 from cleanmail import db
+from cleanmail.relay import Relay
+from cleanmail.store import Store
+from cleanmail.tokens import Tokens
 
-TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates"
+ROOT = Path(__file__).resolve().parent.parent.parent
+TEMPLATES = ROOT / "templates"
+TRANSLATIONS = Path(__file__).resolve().parent.parent / "translations"
+csrf = CSRFProtect()
 
 
 def create_app(config: config_module.Config | None = None) -> Flask:
     """Build the web app; refuses to start on an unmigrated database."""
     config = config or config_module.load()
     app = Flask(__name__, template_folder=str(TEMPLATES))
-    app.config["CLEANMAIL"] = config
-    app.secret_key = config.secret_keys[-1]
+    secure = config.base_url.startswith("https://")
+    app.config.update(
+        CLEANMAIL=config,
+        SECRET_KEY=config.secret_keys[-1],
+        SECRET_KEY_FALLBACKS=list(config.secret_keys[:-1]),
+        SESSION_COOKIE_NAME="cleanmail_session",
+        SESSION_COOKIE_SECURE=secure,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        PERMANENT_SESSION_LIFETIME=timedelta(hours=12),
+        PREFERRED_URL_SCHEME="https" if secure else "http",
+        WTF_CSRF_TIME_LIMIT=None,  # tied to the session: a page left open on a phone still works
+        MAX_CONTENT_LENGTH=1024 * 1024,
+    )
+    if config.trusted_proxies:
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=config.trusted_proxies, x_proto=config.trusted_proxies
+        )
     database = db.Database(config.database_url)
     db.check_migrated(database)
+    config.store_dir.mkdir(parents=True, exist_ok=True)
     app.extensions["cleanmail.db"] = database
+    app.extensions["cleanmail.store"] = Store(config.store_dir)
+    app.extensions["cleanmail.relay"] = Relay(
+        config.relay, timeout=config.relay_timeout, hostname=config.hostname
+    )
+    app.extensions["cleanmail.tokens"] = Tokens(config.secret_keys)
+    csrf.init_app(app)
 
-    @app.teardown_appcontext
-    def close_session(_exc: BaseException | None) -> None:
-        session = g.pop("db_session", None)
-        if session is not None:
-            session.close()
+    from cleanmail.web import errors, health, i18n, security, users
 
-    from cleanmail.web import health
-
+    i18n.init_app(app, TRANSLATIONS)
+    users.init_app(app)
+    security.init_app(app)
+    errors.init_app(app)
+    app.teardown_appcontext(_close_session)
     app.register_blueprint(health.bp)
+    _register_areas(app)
     return app
 
 
-def session():
-    """The database session of the current request."""
-    if "db_session" not in g:
-        from flask import current_app
+def _register_areas(app: Flask) -> None:
+    """The blueprints of each area of the app that exists."""
+    import importlib
 
-        g.db_session = current_app.extensions["cleanmail.db"].sessions()
+    for name in ("auth", "quarantine", "lists", "settings"):
+        try:
+            module = importlib.import_module(f"cleanmail.web.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"cleanmail.web.{name}":
+                raise
+            continue
+        app.register_blueprint(module.bp)
+
+
+def _close_session(_exc: BaseException | None) -> None:
+    session = g.pop("db_session", None)
+    if session is not None:
+        session.close()
+
+
+def session() -> Session:
+    """The database session of this request (writes lock early, as the filter's do)."""
+    if "db_session" not in g:
+        database: db.Database = current_app.extensions["cleanmail.db"]
+        factory = (
+            database.sessions if request.method in ("GET", "HEAD") else database.write_sessions
+        )
+        g.db_session = factory()
     return g.db_session
+
+
+def store() -> Store:
+    """The raw-message store."""
+    return current_app.extensions["cleanmail.store"]
+
+
+def relay() -> Relay:
+    """Where released mail goes."""
+    return current_app.extensions["cleanmail.relay"]
+
+
+def tokens() -> Tokens:
+    """The signed-link maker."""
+    return current_app.extensions["cleanmail.tokens"]
+
+
+def settings() -> config_module.Config:
+    """Cleanmail's configuration."""
+    return current_app.config["CLEANMAIL"]

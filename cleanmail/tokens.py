@@ -1,0 +1,70 @@
+"""Signed links, a salt per purpose, with key rotation; itsdangerous errors become ours.
+
+The secret keys are given oldest first: the last one signs and all of them verify,
+so a key can be rotated without breaking links already sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+
+LOGIN_LINK_DAYS = 15
+PURPOSES = {
+    "login": LOGIN_LINK_DAYS * 86400,  # "Se oversikt" in reports and fresh links
+    "release": LOGIN_LINK_DAYS * 86400,  # per-message links in reports: confirm, then POST
+}
+
+
+class TokenError(Exception):
+    """A link that cannot be used."""
+
+
+class TokenExpired(TokenError):
+    """A link whose lifetime is over; ``payload`` is what it said, unverified for age only."""
+
+    def __init__(self, payload: Any) -> None:
+        super().__init__("the link has expired")
+        self.payload = payload
+
+
+class TokenInvalid(TokenError):
+    """A link that was tampered with, cut short, or signed for another purpose."""
+
+
+class Tokens:
+    """Makes and checks the signed links of one installation."""
+
+    def __init__(self, secret_keys: Sequence[str]) -> None:
+        if not secret_keys:
+            raise ValueError("at least one secret key is needed")
+        self.secret_keys = list(secret_keys)
+
+    def _serializer(self, purpose: str) -> URLSafeTimedSerializer:
+        if purpose not in PURPOSES:
+            raise ValueError(f"unknown token purpose {purpose!r}")
+        return URLSafeTimedSerializer(self.secret_keys, salt=f"cleanmail.{purpose}")
+
+    def dump(self, purpose: str, payload: Any) -> str:
+        """A signed token for one purpose."""
+        return self._serializer(purpose).dumps(payload)
+
+    def load(self, purpose: str, token: str, *, max_age: int | None = None) -> Any:
+        """The payload of a valid token, or TokenExpired / TokenInvalid."""
+        serializer = self._serializer(purpose)
+        try:
+            return serializer.loads(token, max_age=max_age or PURPOSES[purpose])
+        except SignatureExpired as exc:
+            return_payload = exc.payload
+            raise TokenExpired(_decode(serializer, return_payload)) from None
+        except BadSignature:
+            raise TokenInvalid("the link is not valid") from None
+
+
+def _decode(serializer: URLSafeTimedSerializer, payload: Any) -> Any:
+    try:
+        return serializer.load_payload(payload)
+    except BadSignature:
+        return None

@@ -1,0 +1,58 @@
+"""Who is logged in: Flask-Login over mailbox rows, revoked by the mailbox's key version."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from flask import Flask, session
+from flask_babel import lazy_gettext as _l
+from flask_login import LoginManager, UserMixin, login_user
+
+from cleanmail import web
+from cleanmail.models import Mailbox
+
+login_manager = LoginManager()
+
+
+class User(UserMixin):
+    """The logged-in mailbox, detached from the database session."""
+
+    def __init__(self, mailbox: Mailbox) -> None:
+        self.mailbox_id = mailbox.id
+        self.address = mailbox.address
+        self.language = mailbox.language
+        self.role = mailbox.role
+        self.key_version = mailbox.key_version
+
+    def get_id(self) -> str:
+        """Id and key version: bumping the version ends every session at once."""
+        return f"{self.mailbox_id}.{self.key_version}"
+
+
+@login_manager.user_loader
+def load_user(user_id: str) -> User | None:
+    """The user of a session cookie, if the mailbox still exists and its key is current."""
+    mailbox_id, _dot, version = user_id.partition(".")
+    if not (mailbox_id.isdigit() and version.isdigit()):
+        return None
+    mailbox = web.session().get(Mailbox, int(mailbox_id))
+    if mailbox is None or mailbox.disabled or mailbox.key_version != int(version):
+        return None
+    return User(mailbox)
+
+
+def log_in(mailbox: Mailbox, method: str) -> None:
+    """Start a session for a mailbox ("link", "password" or "totp")."""
+    session.clear()  # a fresh session id: nothing from before the login carries over
+    session.permanent = True
+    login_user(User(mailbox))
+    session["login_method"] = method
+    mailbox.last_login_at = datetime.now(UTC)
+
+
+def init_app(app: Flask) -> None:
+    """Attach the login manager."""
+    login_manager.init_app(app)
+    login_manager.login_view = "auth.login"
+    login_manager.login_message = _l("Please log in to see your quarantine.")
+    login_manager.session_protection = "basic"  # phones change address often
