@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from cleanmail import config as config_module
-from cleanmail import db
+from cleanmail import audit, db
 from cleanmail.relay import Relay
 from cleanmail.store import Store
 from cleanmail.tokens import Tokens
@@ -111,6 +111,15 @@ def relay() -> Relay:
 def tokens() -> Tokens:
     """The signed-link maker."""
     return current_app.extensions["cleanmail.tokens"]
+
+
+def actor() -> audit.Actor:
+    """Who is acting in this request, for the audit log."""
+    from flask_login import current_user
+
+    if current_user and current_user.is_authenticated:
+        return audit.Actor(current_user.role, current_user.address, request.remote_addr)
+    return audit.Actor("anonymous", "", request.remote_addr)
 
 
 def settings() -> config_module.Config:
