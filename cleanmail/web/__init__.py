@@ -10,8 +10,8 @@ from flask_wtf.csrf import CSRFProtect
 from sqlalchemy.orm import Session
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from cleanmail import config as config_module
 from cleanmail import audit, db
+from cleanmail import config as config_module
 from cleanmail.relay import Relay
 from cleanmail.store import Store
 from cleanmail.tokens import Tokens
