@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cleanmail import audit
@@ -131,21 +131,39 @@ def decide(rules: Iterable[Rule], senders: Sequence[tuple[str, str]]) -> list[Ma
     return [match for _rank, match in found]
 
 
-def rules_for(
-    session: Session, mailbox_ids: Iterable[int], domain_ids: Iterable[int]
-) -> list[Rule]:
-    """The entries that apply to some mailboxes: their own, their domains', the global ones."""
-    query = select(ListEntry).where(
-        or_(
-            ListEntry.scope == Scope.GLOBAL,
-            (ListEntry.scope == Scope.DOMAIN) & ListEntry.domain_id.in_(list(domain_ids)),
-            (ListEntry.scope == Scope.MAILBOX) & ListEntry.mailbox_id.in_(list(mailbox_ids)),
+def shared_rules(session: Session) -> list[Rule]:
+    """The global entries and every domain's entries (few, and cached by the filter)."""
+    table = ListEntry.__table__
+    query = select(
+        table.c.id,
+        table.c.scope,
+        table.c.action,
+        table.c.pattern,
+        table.c.mailbox_id,
+        table.c.domain_id,
+    ).where(table.c.scope.in_([Scope.GLOBAL, Scope.DOMAIN]))
+    return [Rule(*row) for row in session.execute(query)]
+
+
+def mailbox_rules(session: Session, addresses: Iterable[str]) -> tuple[dict[str, int], list[Rule]]:
+    """Mailbox ids by address and those mailboxes' own entries, in one query."""
+    mailbox, entry = Mailbox.__table__, ListEntry.__table__
+    query = (
+        select(mailbox.c.address, mailbox.c.id, entry.c.id, entry.c.action, entry.c.pattern)
+        .select_from(
+            mailbox.outerjoin(
+                entry, (entry.c.mailbox_id == mailbox.c.id) & (entry.c.scope == Scope.MAILBOX)
+            )
         )
+        .where(mailbox.c.address.in_(set(addresses)))
     )
-    return [
-        Rule(e.id, e.scope, e.action, e.pattern, e.mailbox_id, e.domain_id)
-        for e in session.scalars(query)
-    ]
+    ids: dict[str, int] = {}
+    rules: list[Rule] = []
+    for address, mailbox_id, entry_id, action, pattern in session.execute(query):
+        ids[address] = mailbox_id
+        if entry_id is not None:
+            rules.append(Rule(entry_id, Scope.MAILBOX, action, pattern, mailbox_id, None))
+    return ids, rules
 
 
 def owned_by(

@@ -111,12 +111,6 @@ def add_mailbox(session: Session, actor: audit.Actor, address: str, **settings: 
     return mailbox
 
 
-def find_mailboxes(session: Session, addresses: Iterable[str]) -> dict[str, int]:
-    """Mailbox ids by address, for those of the addresses that have a mailbox."""
-    query = select(Mailbox.address, Mailbox.id).where(Mailbox.address.in_(set(addresses)))
-    return dict(session.execute(query).all())
-
-
 def ensure_mailboxes(
     session: Session, addresses: Iterable[str], domain_ids: dict[str, int]
 ) -> dict[str, int]:

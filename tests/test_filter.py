@@ -155,7 +155,7 @@ def test_allow_entry_does_not_rescue_spoofed_from(served, filter_server, smtp_si
 def test_domain_threshold_applies(served, filter_server, smtp_sink):
     with served.session_scope(write=True) as session:
         session.scalar(select(Domain)).quarantine_threshold = 5000.0
-    filter_server.pipeline._domains_loaded = 0.0  # the cache would pick it up within seconds
+    filter_server.pipeline.forget_cache()  # the cache would pick it up within seconds
     assert send(filter_server.port, message(body=f"{GTUBE}\n"))[0] == 250
     smtp_sink.wait_for(1)
     assert held(served) == []
@@ -257,3 +257,16 @@ def test_database_down_gives_451_and_recovers(served, filter_server, smtp_sink, 
         )
     assert send(filter_server.port, raw)[0] == 250
     assert len(held(served)) == 1
+
+
+def test_dots_and_line_ends_survive_the_smtp_round_trip(served, filter_server, smtp_sink, store):
+    """Dot-stuffing is undone exactly, and a line ending in a dot does not end the data."""
+    body = ".leading dot\n..two dots\nends with a dot.\n.\nX" + "y" * 70000 + "\n"
+    raw = message(subject="dots", body=body + GTUBE + "\n")
+    assert send(filter_server.port, raw)[0] == 250
+    (row,) = held(served)
+    assert store.read(row.raw_sha256) == raw
+    ham = message(subject="dots", body=body)
+    assert send(filter_server.port, ham)[0] == 250
+    (got,) = smtp_sink.wait_for(1)
+    assert got.data.endswith(ham)

@@ -79,10 +79,12 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     )
     # Alembic narrates every step at INFO; the commands say what matters themselves.
     logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # aiosmtpd logs every command at INFO: that costs more than our checks of a message.
+    logging.getLogger("mail.log").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def main() -> None:
     """Entry point of the console script."""
-    from cleanmail.cli import daemons, data  # noqa: F401 - registers the commands
+    from cleanmail.cli import daemons, data, links  # noqa: F401 - registers the commands
 
     cli(prog_name="cleanmail")

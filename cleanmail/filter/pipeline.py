@@ -90,11 +90,20 @@ class Pipeline:
         self.engines = list(engines)
         self.authenticator = authenticator
         self._domains: dict[str, ServedDomain] = {}
+        self._shared_rules: list[lists.Rule] = []
         self._domains_loaded = 0.0
         self._domains_lock = threading.Lock()
 
     def served_domains(self) -> dict[str, ServedDomain]:
         """The served domains, re-read every few seconds so that new ones take effect."""
+        return self._directory()[0]
+
+    def _directory(self) -> tuple[dict[str, ServedDomain], list[lists.Rule]]:
+        """Domains and the global and domain list entries, cached for a few seconds.
+
+        Operators change these rarely; a mailbox's own entries are read with every
+        message instead, so an owner's change applies to the very next one.
+        """
         with self._domains_lock:
             if time.monotonic() - self._domains_loaded > DOMAIN_CACHE_SECONDS:
                 with self.database.session_scope() as session:
@@ -107,8 +116,14 @@ class Pipeline:
                         )
                     )
                     self._domains = {name: ServedDomain(*rest) for name, *rest in rows}
+                    self._shared_rules = lists.shared_rules(session)
                 self._domains_loaded = time.monotonic()
-            return self._domains
+            return self._domains, self._shared_rules
+
+    def forget_cache(self) -> None:
+        """Read domains and shared list entries afresh with the next message."""
+        with self._domains_lock:
+            self._domains_loaded = 0.0
 
     def analyze(self, raw: bytes, envelope: Envelope) -> Analysis:
         """Parse the message and run the checks that do not depend on the recipient."""
@@ -121,7 +136,7 @@ class Pipeline:
 
     def decide(self, analysis: Analysis) -> list[Decision]:
         """The verdict for every recipient, from lists, attachments and score."""
-        served = self.served_domains()
+        served, shared = self._directory()
         envelope = analysis.envelope
         ours = [r for r in envelope.recipients if mime.address_domain(r) in served]
         decisions = [Decision(r, PASS) for r in envelope.recipients if r not in ours]
@@ -129,12 +144,12 @@ class Pipeline:
             return decisions
         domain_ids = {name: served[name].id for name in served}
         with self.database.session_scope() as session:
-            ids = mailboxes.find_mailboxes(session, ours)
+            ids, own = lists.mailbox_rules(session, ours)
         if len(ids) < len(set(ours)):
             with self.database.session_scope(write=True) as session:
-                ids = mailboxes.ensure_mailboxes(session, ours, domain_ids)
-        with self.database.session_scope() as session:
-            rules = lists.rules_for(session, ids.values(), {d.id for d in served.values()})
+                mailboxes.ensure_mailboxes(session, ours, domain_ids)
+                ids, own = lists.mailbox_rules(session, ours)
+        rules = shared + own
         senders = [("envelope", envelope.sender.lower()), ("from", analysis.parsed.from_address)]
         auth_cache: list[auth.AuthResults] = []
         for recipient in ours:

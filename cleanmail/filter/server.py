@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 import socket
 import time
@@ -39,6 +40,8 @@ REPLY_RELAY_FAILED = "451 4.4.1 Next hop unavailable, try again later"
 REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
 XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PROTO", "HELO")
 LINE_LIMIT = 64 * 1024
+# Anything but a plain address inside <...> goes to aiosmtpd's full parser.
+_UNUSUAL = re.compile(r'[\s"\\(),:;<\[\]]')
 
 
 class FilterSMTP(SMTP):
@@ -52,6 +55,72 @@ class FilterSMTP(SMTP):
         if isinstance(status, str) and status.startswith("552 Error:"):
             status = REPLY_TOO_BIG
         await super().push(status)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """Plain ``<user@domain> PARAMS`` without aiosmtpd's costly general parser."""
+        text = arg.strip()
+        end = text.find(">")
+        if text.startswith("<") and end > 0 and not _UNUSUAL.search(text, 1, end):
+            return text[1:end], text[end + 1 :].strip()
+        return super()._getaddr(arg)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        """Read the message in large pieces into one buffer, instead of line by line.
+
+        The size limit is enforced while reading, so an oversized message is never
+        held in memory; it is refused with 552 5.3.4 once the client has sent it all.
+        """
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content = await self._read_data()
+        if content is None:
+            await self.push(REPLY_TOO_BIG)
+            self._set_post_data_state()
+            return
+        self.envelope.original_content = self.envelope.content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
+
+    async def _read_data(self) -> bytes | None:
+        """The unstuffed message, or None when it exceeded the size limit."""
+        limit = self.data_size_limit or 0
+        buffer = bytearray()
+        size = 0
+        while True:
+            try:
+                piece = await self._reader.readuntil(b".\r\n")
+            except asyncio.LimitOverrunError as exc:
+                piece = await self._reader.read(exc.consumed)
+            except asyncio.IncompleteReadError as exc:
+                raise ConnectionResetError("connection closed during DATA") from exc
+            size += len(piece)
+            if limit and size > limit:
+                # Keep only what is needed to see the end of the data.
+                buffer = bytearray(buffer[-2:])
+            buffer += piece
+            end = len(buffer) - 3
+            if piece.endswith(b".\r\n") and (
+                (end == 0 and size == 3) or buffer[end - 2 : end] == b"\r\n"
+            ):
+                break
+        if limit and size > limit:
+            return None
+        del buffer[-3:]
+        if b"\n.." in buffer or buffer.startswith(b".."):
+            buffer = buffer.replace(b"\r\n..", b"\r\n.")
+            if buffer.startswith(b".."):
+                del buffer[0]
+        return bytes(buffer)
 
     @syntax("XFORWARD attribute=value ...")
     async def smtp_XFORWARD(self, arg: str | None) -> None:
@@ -207,7 +276,8 @@ async def serve(
 ) -> None:
     """Run the filter until ``stop`` is set (by default on SIGTERM or SIGINT), then drain."""
     loop = asyncio.get_running_loop()
-    executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="check")
+    # A few threads are enough: the checks hold the GIL, only I/O overlaps.
+    executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="check")
     handler = Handler(config, pipeline, executor)
     protocols: weakref.WeakSet[FilterSMTP] = weakref.WeakSet()
 
