@@ -7,20 +7,23 @@ capped, and every string that leaves this module is safe to store in any databas
 
 from __future__ import annotations
 
-import email
 import email.header
 import email.utils
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
-from email.policy import compat32
 from functools import cached_property
 
-MAX_DEPTH = 40
-MAX_PARTS = 1000
+from cleanmail import mimewalk
+
+MAX_DEPTH = mimewalk.MAX_DEPTH
+MAX_PARTS = mimewalk.MAX_PARTS
 MAX_TEXT = 200_000
 HEADER_LIMIT = 2000
+# Decoded payloads up to this size are kept for the next reader; bigger ones (the
+# attachments that make up most of a big message) are decoded again when asked for.
+PAYLOAD_CACHE = 1024 * 1024
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 _SPACE = re.compile(r"\s+")
@@ -90,18 +93,26 @@ class Part:
     disposition: str | None
     depth: int
     message: Message = field(repr=False)
+    body: memoryview = field(default_factory=lambda: memoryview(b""), repr=False, compare=False)
+    _payload: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
-    @cached_property
+    @property
+    def encoding(self) -> str:
+        """The declared transfer encoding, lower-cased."""
+        return str(self.message.get("Content-Transfer-Encoding", ""))[:100].strip().lower()
+
+    @property
     def payload(self) -> bytes:
         """The payload with its transfer encoding undone (raw bytes where that fails)."""
+        if self._payload is not None:
+            return self._payload
         try:
-            data = self.message.get_payload(decode=True)
+            data = mimewalk.decode(self.body, self.encoding)
         except Exception:
-            data = None
-        if isinstance(data, bytes):
-            return data
-        raw = self.message.get_payload()
-        return raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else b""
+            data = bytes(self.body)
+        if len(data) <= PAYLOAD_CACHE:
+            self._payload = data
+        return data
 
     @property
     def is_body_text(self) -> bool:
@@ -199,55 +210,26 @@ class ParsedMessage:
 
 def parse(raw: bytes) -> ParsedMessage:
     """Parse a raw message; on structure too broken to walk, keep the headers only."""
-    defects: list[str] = []
     try:
-        message = email.message_from_bytes(raw, policy=compat32)
-    except RecursionError:
-        defects.append("mime-too-deep")
-        message = _headers_only(raw)
+        headers, leaves, defects = mimewalk.walk(raw)
+        body = memoryview(raw)
+        parts = [_part(leaf, body) for leaf in leaves]
     except Exception:
-        defects.append("mime-unparseable")
-        message = _headers_only(raw)
-    parts = _leaves(message, defects)
-    if message.defects:
+        headers, parts, defects = _headers_only(raw), [], ["mime-unparseable"]
+    if headers.defects:
         defects.append("mime-defects")
-    return ParsedMessage(raw=raw, headers=message, parts=parts, defects=defects)
+    return ParsedMessage(raw=raw, headers=headers, parts=parts, defects=defects)
 
 
 def _headers_only(raw: bytes) -> Message:
-    end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        end = raw.find(b"\n\n")
-    head = raw if end < 0 else raw[:end]
     try:
-        return email.message_from_bytes(head + b"\r\n\r\n", policy=compat32)
+        return mimewalk.read_headers(raw, 0, len(raw))[0]
     except Exception:
         return Message()
 
 
-def _leaves(root: Message, defects: list[str]) -> list[Part]:
-    """Walk the tree without recursion, with caps on depth and part count."""
-    leaves: list[Part] = []
-    stack: list[tuple[Message, int]] = [(root, 0)]
-    seen = 0
-    while stack:
-        node, depth = stack.pop()
-        seen += 1
-        if seen > MAX_PARTS:
-            defects.append("mime-too-many-parts")
-            break
-        payload = node.get_payload()
-        if node.is_multipart() and isinstance(payload, list):
-            if depth >= MAX_DEPTH:
-                defects.append("mime-too-deep")
-                continue
-            stack.extend((child, depth + 1) for child in reversed(payload))
-            continue
-        leaves.append(_part(node, depth))
-    return leaves
-
-
-def _part(node: Message, depth: int) -> Part:
+def _part(leaf: mimewalk.Leaf, raw: memoryview) -> Part:
+    node = leaf.message
     try:
         content_type = node.get_content_type()
     except Exception:
@@ -263,4 +245,5 @@ def _part(node: Message, depth: int) -> Part:
     except Exception:
         disposition = None
     name = decode_header(filename) if filename else None
-    return Part(clean_text(content_type, 255), name or None, disposition, depth, node)
+    body = raw[leaf.start : leaf.end]
+    return Part(clean_text(content_type, 255), name or None, disposition, leaf.depth, node, body)

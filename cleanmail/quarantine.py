@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import exists, select
+from sqlalchemy import cast, exists, func, or_, select
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from cleanmail import audit, mime, sql
@@ -56,7 +57,9 @@ def hold(
     """
     now = now or utcnow()
     sha = digest(raw)
-    lock = sql.insert(session, RawMessage).values(sha256=sha, size=len(raw), created_at=now)
+    lock = sql.insert(session, RawMessage.__table__).values(
+        sha256=sha, size=len(raw), created_at=now
+    )
     session.execute(lock.on_conflict_do_update(index_elements=["sha256"], set_={"size": len(raw)}))
     store.ensure(sha, raw)
     sender_domain = mime.address_domain(parsed.from_address or origin.sender)
@@ -86,10 +89,10 @@ def hold(
     if not rows:
         return []
     statement = (
-        sql.insert(session, Message)
+        sql.insert(session, Message.__table__)
         .values(rows)
         .on_conflict_do_nothing(index_elements=["mailbox_id", "raw_sha256"])
-        .returning(Message.id)
+        .returning(Message.__table__.c.id)
     )
     return list(session.scalars(statement))
 
@@ -229,3 +232,130 @@ def _drop_reference(session: Session, store: Store, message: Message, status: St
     if not session.scalar(select(exists().where(Message.raw_sha256 == sha))):
         session.execute(RawMessage.__table__.delete().where(RawMessage.sha256 == sha))
         store.discard(session, sha)
+
+
+# The owner's list: search with keyset pagination on (received_at, id).
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """A place in a newest-first list: the time and id of a message at a page's edge."""
+
+    received_at: datetime
+    id: int
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """What an owner looks for: statuses, text in sender or subject, a reason, a time range."""
+
+    statuses: tuple[str, ...] = (Status.NEW,)
+    text: str = ""
+    reason: str = ""
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a list, newest first, with the cursors of the pages around it."""
+
+    messages: list[Message]
+    newer: Cursor | None
+    older: Cursor | None
+
+
+def search(
+    session: Session,
+    mailbox_id: int,
+    criteria: Criteria,
+    *,
+    before: Cursor | None = None,
+    after: Cursor | None = None,
+    limit: int = 50,
+) -> Page:
+    """One page of a mailbox's messages, newest first, before or after a cursor.
+
+    Keyset pagination: each page is an index range scan from the cursor, so the
+    thousandth page costs what the first does.
+    """
+    query = select(Message).where(*_conditions(session, mailbox_id, criteria))
+    if after is not None:
+        query = query.where(*_beyond(after, newer=True))
+        query = query.order_by(Message.received_at.asc(), Message.id.asc())
+        rows = list(session.scalars(query.limit(limit + 1)))
+        if not rows:
+            return search(session, mailbox_id, criteria, limit=limit)
+        more, rows = len(rows) > limit, rows[:limit][::-1]
+        return Page(rows, _cursor(rows[0]) if more else None, _cursor(rows[-1]))
+    if before is not None:
+        query = query.where(*_beyond(before, newer=False))
+    query = query.order_by(Message.received_at.desc(), Message.id.desc())
+    rows = list(session.scalars(query.limit(limit + 1)))
+    more, rows = len(rows) > limit, rows[:limit]
+    newer = _cursor(rows[0]) if before is not None and rows else None
+    return Page(rows, newer, _cursor(rows[-1]) if more else None)
+
+
+def _cursor(message: Message) -> Cursor:
+    return Cursor(message.received_at, message.id)
+
+
+def _beyond(cursor: Cursor, *, newer: bool) -> list[Any]:
+    """Rows past a cursor, written so that the index range on received_at is used."""
+    if newer:
+        return [
+            Message.received_at >= cursor.received_at,
+            (Message.received_at > cursor.received_at) | (Message.id > cursor.id),
+        ]
+    return [
+        Message.received_at <= cursor.received_at,
+        (Message.received_at < cursor.received_at) | (Message.id < cursor.id),
+    ]
+
+
+def _conditions(session: Session, mailbox_id: int, criteria: Criteria) -> list[Any]:
+    conditions: list[Any] = [Message.mailbox_id == mailbox_id]
+    statuses = [Status(status) for status in criteria.statuses]
+    conditions.append(
+        Message.status == statuses[0] if len(statuses) == 1 else Message.status.in_(statuses)
+    )
+    if criteria.text:
+        escaped = criteria.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{escaped}%"
+        conditions.append(
+            or_(
+                *(
+                    column.ilike(pattern, escape="\\")
+                    for column in (Message.subject, Message.from_header, Message.envelope_sender)
+                )
+            )
+        )
+    if criteria.reason:
+        conditions.append(_has_reason(session, criteria.reason))
+    if criteria.since is not None:
+        conditions.append(Message.received_at >= criteria.since)
+    if criteria.until is not None:
+        conditions.append(Message.received_at < criteria.until)
+    return conditions
+
+
+def _has_reason(session: Session, code: str) -> Any:
+    """A message whose reasons include one with this code, in each backend's JSON."""
+    if session.get_bind().dialect.name == "postgresql":
+        return cast(Message.reasons, JSONB).contains([{"code": code}])
+    each = func.json_each(Message.reasons).table_valued("value")
+    return exists().select_from(each).where(func.json_extract(each.c.value, "$.code") == code)
+
+
+def count_new(session: Session, mailbox_id: int) -> int:
+    """How many messages of a mailbox wait in the quarantine (an index-only count)."""
+    query = select(func.count()).select_from(Message)
+    query = query.where(Message.mailbox_id == mailbox_id, Message.status == Status.NEW)
+    return session.scalar(query) or 0
+
+
+def owned(session: Session, mailbox_id: int, ids: Sequence[int]) -> list[Message]:
+    """The messages with these ids that belong to a mailbox, newest first."""
+    query = select(Message).where(Message.mailbox_id == mailbox_id, Message.id.in_(list(ids)))
+    return list(session.scalars(query.order_by(Message.received_at.desc(), Message.id.desc())))

@@ -143,12 +143,12 @@ class Pipeline:
         if not ours:
             return decisions
         domain_ids = {name: served[name].id for name in served}
-        with self.database.session_scope() as session:
-            ids, own = lists.mailbox_rules(session, ours)
+        with self.database.engine.connect() as connection:
+            ids, own = lists.mailbox_rules(connection, ours)
         if len(ids) < len(set(ours)):
             with self.database.session_scope(write=True) as session:
                 mailboxes.ensure_mailboxes(session, ours, domain_ids)
-                ids, own = lists.mailbox_rules(session, ours)
+                ids, own = lists.mailbox_rules(session.connection(), ours)
         rules = shared + own
         senders = [("envelope", envelope.sender.lower()), ("from", analysis.parsed.from_address)]
         auth_cache: list[auth.AuthResults] = []

@@ -277,7 +277,7 @@ async def serve(
     """Run the filter until ``stop`` is set (by default on SIGTERM or SIGINT), then drain."""
     loop = asyncio.get_running_loop()
     # A few threads are enough: the checks hold the GIL, only I/O overlaps.
-    executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="check")
+    executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="check")
     handler = Handler(config, pipeline, executor)
     protocols: weakref.WeakSet[FilterSMTP] = weakref.WeakSet()
 

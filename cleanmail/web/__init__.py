@@ -87,14 +87,16 @@ def _close_session(_exc: BaseException | None) -> None:
         session.close()
 
 
-def session() -> Session:
-    """The database session of this request (writes lock early, as the filter's do)."""
+def session(*, write: bool = False) -> Session:
+    """The database session of this request.
+
+    POST requests, and GETs that say they write, take SQLite's write lock at BEGIN: a
+    read transaction that later writes can fail under load.
+    """
     if "db_session" not in g:
         database: db.Database = current_app.extensions["cleanmail.db"]
-        factory = (
-            database.sessions if request.method in ("GET", "HEAD") else database.write_sessions
-        )
-        g.db_session = factory()
+        writes = write or request.method not in ("GET", "HEAD")
+        g.db_session = (database.write_sessions if writes else database.sessions)()
     return g.db_session
 
 
@@ -122,6 +124,6 @@ def actor() -> audit.Actor:
     return audit.Actor("anonymous", "", request.remote_addr)
 
 
-def settings() -> config_module.Config:
+def config() -> config_module.Config:
     """Cleanmail's configuration."""
     return current_app.config["CLEANMAIL"]

@@ -1,0 +1,224 @@
+"""The MIME tree of a raw message, found over its bytes without copying any body.
+
+Only header blocks go through the email package. Where a header block ends, which
+lines are boundaries and which bytes belong to a part follow the package's own
+parser (compat32), so the parts are the ones ``email.message_from_bytes`` finds; the
+walk is iterative, capped, linear, and keeps bodies as spans of the raw message.
+"""
+
+from __future__ import annotations
+
+import binascii
+import re
+from collections.abc import Iterator
+from email import errors
+from email.message import Message
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from typing import NamedTuple
+
+MAX_DEPTH = 40
+MAX_PARTS = 1000
+
+# A line that can be part of a header block, and the first one that cannot (the
+# feedparser's test): a blank line, or a line of body text where headers were due.
+_HEADER = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")
+_NOT_HEADER = re.compile(rb"^(?!From |[\x21-\x39\x3b-\x7e]*:|[\t ])", re.MULTILINE)
+# What may follow "--boundary" on a delimiter line: "--" on the last one, then blanks.
+_TAIL = re.compile(rb"(--)?[ \t]*(?=[\r\n]|\Z)")
+# bytes.find is fast and needs no compiling; lines that only look like a boundary
+# (hostile mail repeats them) switch the search to a pattern compiled for it.
+_FALSE_HITS = 64
+_UUENCODE = ("x-uuencode", "uuencode", "uue", "x-uue")
+_PARSER = BytesHeaderParser(policy=compat32)
+
+
+class Leaf(NamedTuple):
+    """A part with no parts inside: its headers, nesting depth and the span of its body."""
+
+    message: Message
+    depth: int
+    start: int
+    end: int
+
+
+class _Node(NamedTuple):
+    start: int
+    end: int
+    depth: int
+    between: bool  # between boundaries: the line break before the next one is not its own
+    digest: bool  # in a multipart/digest, where a part is a message unless it says otherwise
+
+
+def walk(raw: bytes) -> tuple[Message, list[Leaf], list[str]]:
+    """The top-level headers, the leaves in order, and the caps that were hit."""
+    defects: list[str] = []
+    leaves: list[Leaf] = []
+    root: Message | None = None
+    stack = [_Node(0, len(raw), 0, False, False)]
+    seen = 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_PARTS:
+            defects.append("mime-too-many-parts")
+            break
+        headers, body = read_headers(raw, node.start, node.end)
+        if node.digest:
+            headers.set_default_type("message/rfc822")
+        if root is None:
+            root = headers
+        children, end = _children(raw, headers, body, node, MAX_PARTS + 1 - seen)
+        if not children:
+            leaves.append(Leaf(headers, node.depth, body, end))
+        elif node.depth >= MAX_DEPTH:
+            defects.append("mime-too-deep")
+        else:
+            stack.extend(reversed(children))
+    return root if root is not None else Message(), leaves, defects
+
+
+def read_headers(raw: bytes, start: int, end: int) -> tuple[Message, int]:
+    """The header block at start, parsed, and where the body after it starts."""
+    cut = start
+    if start < end and _HEADER.match(raw, start, end):
+        found = _NOT_HEADER.search(raw, start + 1, end)
+        cut = found.start() if found else end
+    message = _PARSER.parsebytes(raw[start:cut])
+    body = cut
+    if cut < end:
+        if raw[cut] in b"\r\n":
+            body = _next_line(raw, cut, end)
+        else:
+            message.defects.append(errors.MissingHeaderBodySeparatorDefect())
+    rest = message.get_payload()
+    if isinstance(rest, str) and rest:  # a bare CR ended the block before our cut
+        body = cut - len(rest)
+    message.set_payload(None)
+    return message, body
+
+
+def _children(
+    raw: bytes, headers: Message, body: int, node: _Node, limit: int
+) -> tuple[list[_Node], int]:
+    """The parts inside a container, or none and where a leaf's body ends."""
+    try:
+        ctype = headers.get_content_type()
+    except Exception:
+        ctype = "text/plain"
+    kind = ctype.partition("/")[0]
+    if kind == "message" and ctype != "message/delivery-status":
+        return [_Node(body, node.end, node.depth + 1, node.between, False)], 0
+    if kind != "multipart":
+        return [], _strip_line_break(raw, body, node.end) if node.between else node.end
+    try:
+        boundary = headers.get_boundary()
+    except Exception:
+        boundary = None
+    if boundary is None:
+        headers.defects.append(errors.NoBoundaryInMultipartDefect())
+        return [], node.end
+    if str(headers.get("Content-Transfer-Encoding", "8bit")).lower() not in _IDENTITY:
+        headers.defects.append(errors.InvalidMultipartContentTransferEncodingDefect())
+    try:
+        delimiter = b"--" + boundary.encode("ascii", "surrogateescape")
+    except UnicodeEncodeError:  # an RFC 2231 boundary in a charset: no line can match it
+        delimiter = b""
+    limit = 0 if node.depth >= MAX_DEPTH else limit
+    spans, closed, end = _split(raw, body, node.end, delimiter, limit)
+    if spans is None:
+        headers.defects.append(errors.StartBoundaryNotFoundDefect())
+        return [], end
+    if not closed:
+        headers.defects.append(errors.CloseBoundaryNotFoundDefect())
+    digest = ctype == "multipart/digest"
+    return [_Node(start, stop, node.depth + 1, True, digest) for start, stop in spans], 0
+
+
+_IDENTITY = ("7bit", "8bit", "binary")
+
+
+def _split(
+    raw: bytes, start: int, end: int, delimiter: bytes, limit: int
+) -> tuple[list[tuple[int, int]] | None, bool, int]:
+    """Spans of the parts between delimiter lines, whether the close delimiter came, and
+    where a preamble ends when there are no parts (spans None)."""
+    spans: list[tuple[int, int]] = []
+    part = -1  # where the current part starts; -1 while in the preamble
+    follow = -1  # where a delimiter line right after the last one would start
+    for line, tail, close in _delimiters(raw, start, end, delimiter):
+        if line == follow:  # delimiter lines in a row open no empty parts (nor does a close)
+            part = follow = _next_line(raw, tail, end)
+            continue
+        if part < 0 and close:
+            return None, True, line
+        if part >= 0:
+            spans.append((part, line))
+            if close or len(spans) > limit:
+                return spans, True, 0
+        part = follow = _next_line(raw, tail, end)
+    if part < 0:
+        return None, False, end
+    spans.append((part, end))
+    return spans, False, 0
+
+
+def _delimiters(
+    raw: bytes, start: int, end: int, delimiter: bytes
+) -> Iterator[tuple[int, int, bool]]:
+    """Each delimiter line in raw[start:end]: where it starts, where its tail ends, close?"""
+    if not delimiter:
+        return
+    pos, false_hits = start, 0
+    while false_hits < _FALSE_HITS:
+        at = raw.find(delimiter, pos, end)
+        if at < 0:
+            return
+        tail = _TAIL.match(raw, at + len(delimiter), end) if raw[at - 1] in b"\r\n" else None
+        if tail is None:
+            false_hits += 1
+            pos = at + 1
+            continue
+        yield at, tail.end(), tail.group(1) is not None
+        pos = tail.end()
+    pattern = re.compile(rb"[\r\n](" + re.escape(delimiter) + rb")(--)?[ \t]*(?=[\r\n]|\Z)")
+    for match in pattern.finditer(raw, pos - 1, end):
+        yield match.start(1), match.end(), match.group(2) is not None
+
+
+def _next_line(raw: bytes, pos: int, end: int) -> int:
+    """Where the line after the line break at pos starts."""
+    return pos + 2 if raw.startswith(b"\r\n", pos, end) else min(pos + 1, end)
+
+
+def _strip_line_break(raw: bytes, start: int, end: int) -> int:
+    """The end of a body less its last line break, which belongs to the next boundary."""
+    if end > start and raw[end - 1] == 0x0A:
+        end -= 1
+        if end > start and raw[end - 1] == 0x0D:
+            end -= 1
+    elif end > start and raw[end - 1] == 0x0D:
+        end -= 1
+    return end
+
+
+def decode(body: memoryview, encoding: str) -> bytes:
+    """A body with its transfer encoding undone as the email package does it."""
+    if encoding == "base64":
+        try:
+            return binascii.a2b_base64(body)  # skips line breaks and other stray bytes
+        except binascii.Error:
+            pass
+        try:
+            return binascii.a2b_base64(bytes(body) + b"==")  # padding left off
+        except binascii.Error:
+            return bytes(body).translate(None, b"\r\n")
+    if encoding == "quoted-printable":
+        return binascii.a2b_qp(body)
+    if encoding in _UUENCODE:  # rare enough to hand to the package as text
+        message = Message()
+        message["Content-Transfer-Encoding"] = encoding
+        message.set_payload(bytes(body).decode("ascii", "surrogateescape"))
+        data = message.get_payload(decode=True)
+        return data if isinstance(data, bytes) else bytes(body)
+    return bytes(body)
