@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_RUN := libmagic1 python3-venv ca-certificates
-APT_TEST := $(APT_RUN) postfix postgresql swaks
+APT_TEST := $(APT_RUN) postfix postgresql swaks chromium
 PYTEST_ARGS ?=
 
 .PHONY: run test lint bench clean apt-run apt-test
@@ -16,6 +16,8 @@ run: apt-run $(VENV)/.installed
 	@echo
 	@echo "Cleanmail is starting: filter on $${CLEANMAIL_FILTER_LISTEN:-127.0.0.1:10024}," \
 	      "web on http://$${CLEANMAIL_WEB_LISTEN:-127.0.0.1:8080}/ (Ctrl-C stops it)"
+	@$(BIN)/cleanmail demo
+	@echo
 	exec $(BIN)/cleanmail serve
 
 test: apt-test $(VENV)/.installed

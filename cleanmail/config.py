@@ -56,7 +56,7 @@ class Config:
     trusted_authserv_id: str | None = None
     dns_timeout: float = 2.0
     dns_servers: tuple[str, ...] = ()
-    filter_workers: int = 1
+    filter_workers: int = 0  # 0: one per CPU core
     web_workers: int = 2
     trusted_proxies: int = 0
     mail_from: str = ""
@@ -91,6 +91,13 @@ def _positive_int(value: str) -> int:
     number = int(value)
     if number <= 0:
         raise ValueError(f"expected a positive whole number, got {value!r}")
+    return number
+
+
+def _whole_number(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"expected a whole number, 0 or more, got {value!r}")
     return number
 
 
@@ -144,7 +151,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "trusted_authserv_id": str,
     "dns_timeout": _positive_float,
     "dns_servers": _word_list,
-    "filter_workers": _positive_int,
+    "filter_workers": _whole_number,
     "web_workers": _positive_int,
     "trusted_proxies": int,
     "mail_from": str,
@@ -186,6 +193,8 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
     keys = values.pop("secret_key", ())
     if not keys:
         keys = _embedded_secret_key(data_dir, values["database_url"])
+    if not values.get("filter_workers"):
+        values["filter_workers"] = min(os.cpu_count() or 1, 8)
     return Config(data_dir=data_dir, secret_keys=tuple(keys), **values)
 
 

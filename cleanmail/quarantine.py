@@ -57,10 +57,12 @@ def hold(
     """
     now = now or utcnow()
     sha = digest(raw)
-    lock = sql.insert(session, RawMessage.__table__).values(
-        sha256=sha, size=len(raw), created_at=now
+    # Statements with parameters rather than inline values, so SQLAlchemy compiles them once.
+    upsert = sql.insert(session, RawMessage.__table__)
+    lock = upsert.on_conflict_do_update(
+        index_elements=["sha256"], set_={"size": upsert.excluded.size}
     )
-    session.execute(lock.on_conflict_do_update(index_elements=["sha256"], set_={"size": len(raw)}))
+    session.execute(lock, {"sha256": sha, "size": len(raw), "created_at": now})
     store.ensure(sha, raw)
     sender_domain = mime.address_domain(parsed.from_address or origin.sender)
     rows = [
@@ -90,11 +92,10 @@ def hold(
         return []
     statement = (
         sql.insert(session, Message.__table__)
-        .values(rows)
         .on_conflict_do_nothing(index_elements=["mailbox_id", "raw_sha256"])
         .returning(Message.__table__.c.id)
     )
-    return list(session.scalars(statement))
+    return list(session.scalars(statement, rows))
 
 
 def get(session: Session, message_id: int, *, mailbox: Mailbox | None = None) -> Message:

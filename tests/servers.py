@@ -362,6 +362,20 @@ class PostgresServer(_Server):
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
+class _LenientSMTP(SMTP):
+    """Accepts lines longer than RFC 5321's 1,000 bytes, as Postfix does."""
+
+    line_length_limit = 1024 * 1024
+
+
+class _LenientController(Controller):
+    """A controller that serves _LenientSMTP."""
+
+    def factory(self) -> SMTP:
+        """The SMTP protocol instance for one connection."""
+        return _LenientSMTP(self.handler, **self.SMTP_kwargs)
+
+
 class ReceivedMessage(NamedTuple):
     """One message as an SMTP server received it."""
 
@@ -426,7 +440,7 @@ class SmtpSink(_Server):
         """Start listening in a background thread; return self."""
         for _attempt in range(3):
             port = self.port or free_port()
-            controller = Controller(
+            controller = _LenientController(
                 self,
                 hostname=self.host,
                 port=port,

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 from click.testing import CliRunner
 
-from cleanmail.cli import cli, daemons, data  # noqa: F401 - registers the commands
+from cleanmail.cli import cli, daemons, data, demo, links  # noqa: F401 - registers the commands
 from cleanmail.config import Endpoint
 from tests.conftest import FilterProcess
 from tests.messages import GTUBE, message
@@ -99,6 +99,22 @@ def test_quarantine_add_list_show(run, tmp_path, config):
     assert run("quarantine", "show", str(message_id), "--raw").stdout_bytes == raw
     missing = run("quarantine", "show", "999999", ok=False)
     assert missing.exit_code == 1 and "no quarantined message 999999" in missing.output
+
+
+def test_demo_is_idempotent_and_its_link_logs_in(run, client):
+    first = run("demo").output.splitlines()
+    again = run("demo").output.splitlines()
+    assert (
+        first[0]
+        == again[0]
+        == ("Demo mailbox ola.nordmann@demo.example: open this link to see its quarantine")
+    )
+    rows = json.loads(run("quarantine", "list", "--json").output)
+    assert len(rows) == 3 and {r["mailbox"] for r in rows} == {"ola.nordmann@demo.example"}
+    assert {"GTUBE", "BLOCKED_ATTACHMENT"} <= {c["code"] for r in rows for c in r["reasons"]}
+    path = first[1].split("/", 3)[3]
+    assert client.get("/" + path).status_code == 303
+    assert "Faktura november" in client.get("/").get_data(as_text=True)
 
 
 def test_unmigrated_database_is_refused_with_one_line(tmp_path):

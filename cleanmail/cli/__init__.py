@@ -85,6 +85,6 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 def main() -> None:
     """Entry point of the console script."""
-    from cleanmail.cli import daemons, data, links  # noqa: F401 - registers the commands
+    from cleanmail.cli import daemons, data, demo, links  # noqa: F401 - registers the commands
 
     cli(prog_name="cleanmail")

@@ -295,7 +295,7 @@ def quarantine_show(state: State, message_id: int, raw: bool) -> None:
 @pass_state
 def quarantine_add(state: State, file: Path, rcpt: str, sender: str) -> None:
     """Put a raw message file into a mailbox's quarantine (an mbox From line is dropped)."""
-    from cleanmail.filter import attachments, rules
+    from cleanmail.filter import pipeline, rules
     from cleanmail.filter.engines import Envelope
 
     if file.stat().st_size > MAX_FILE:
@@ -304,23 +304,15 @@ def quarantine_add(state: State, file: Path, rcpt: str, sender: str) -> None:
     parsed = mime.parse(raw)
     sender = sender or parsed.from_address
     address = mailboxes.normalize_address(rcpt)
+    envelope = Envelope(sender=sender, recipients=(address,))
+    analysis = pipeline.analyze(parsed, envelope, [rules.RulesEngine()])
     with state.database().session_scope(write=True) as session:
         domain = mailboxes.get_domain(session, address.rpartition("@")[2])
-        mailbox_id = mailboxes.ensure_mailboxes(session, [address], {domain.name: domain.id})[
-            address
-        ]
-        result = rules.RulesEngine().check(parsed, Envelope(sender=sender, recipients=(address,)))
-        reasons = [{"code": "MANUAL", "text": "added to the quarantine by an operator", "score": 0}]
-        reasons += [
-            {
-                "code": "BLOCKED_ATTACHMENT",
-                "text": f"blocked attachment {f.filename}: {f.reason}",
-                "score": 0,
-            }
-            for f in attachments.scan(parsed.parts)
-        ]
-        reasons += [{"code": h.code, "text": h.text, "score": h.score} for h in result.hits]
-        hold = quarantine.Hold(mailbox_id, result.score, reasons)
+        ids_by_address = mailboxes.ensure_mailboxes(session, [address], {domain.name: domain.id})
+        mailbox_id = ids_by_address[address]
+        manual = pipeline.reason("MANUAL", "added to the quarantine by an operator")
+        reasons = [manual, *analysis.reasons()]
+        hold = quarantine.Hold(mailbox_id, analysis.result.score, reasons)
         ids = quarantine.hold(
             session,
             state.store,

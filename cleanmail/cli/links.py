@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cleanmail import audit, mailboxes
+from cleanmail import audit, mailboxes, tokens
 from cleanmail.cli import State, cli, pass_state
 
 
@@ -13,13 +13,12 @@ from cleanmail.cli import State, cli, pass_state
 @pass_state
 def login_link(state: State, address: str) -> None:
     """Print a login link for a mailbox (valid 15 days; recorded in the audit log)."""
-    from cleanmail.web import auth  # the web package is heavy; only this command needs it
-
     with state.database().session_scope(write=True) as session:
         mailbox = mailboxes.get_mailbox(session, address)
         if mailbox.disabled:
             raise mailboxes.MailboxError(f"{mailbox.address} is disabled")
-        url = auth.login_url(mailbox, state.config)
+        config = state.config
+        url = tokens.login_url(config.base_url, config.secret_keys, mailbox.id, mailbox.key_version)
         audit.record(
             session,
             audit.cli_actor(),

@@ -207,6 +207,10 @@ class _Scan:
         """libmagic's verdict on the first bytes, whatever name and type they claim."""
         if not sample:
             return
+        # Every binary that body text could hide (ELF, PE, self-extractors, ISO images)
+        # has NUL bytes near its start; text without them is not worth libmagic's time.
+        if body_text and b"\x00" not in sample[:4096]:
+            return
         handles = _handles()
         description = _identify(handles.describe_binary if body_text else handles.describe, sample)
         if description == "data":  # nothing matched, so the MIME type is octet-stream too

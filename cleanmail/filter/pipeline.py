@@ -54,6 +54,26 @@ class Analysis:
     findings: list[attachments.Finding]
     result: EngineResult
 
+    def reasons(self) -> list[dict[str, Any]]:
+        """Blocked attachments if any, else the engines' hits, as stored reasons."""
+        if self.findings:
+            return [
+                reason(
+                    "BLOCKED_ATTACHMENT",
+                    f"blocked attachment {f.filename or '(unnamed)'}: {f.reason}",
+                )
+                for f in self.findings
+            ]
+        return [reason(hit.code, hit.text, hit.score) for hit in self.result.hits]
+
+
+def analyze(parsed: mime.ParsedMessage, envelope: Envelope, engines: Sequence[Engine]) -> Analysis:
+    """Attachments and every engine's score for one parsed message."""
+    hits: list[Hit] = []
+    for engine in engines:
+        hits.extend(engine.check(parsed, envelope).hits)
+    return Analysis(parsed, envelope, attachments.scan(parsed.parts), EngineResult.from_hits(hits))
+
 
 @dataclass
 class Decision:
@@ -127,12 +147,7 @@ class Pipeline:
 
     def analyze(self, raw: bytes, envelope: Envelope) -> Analysis:
         """Parse the message and run the checks that do not depend on the recipient."""
-        parsed = mime.parse(raw)
-        findings = attachments.scan(parsed.parts)
-        hits: list[Hit] = []
-        for engine in self.engines:
-            hits.extend(engine.check(parsed, envelope).hits)
-        return Analysis(parsed, envelope, findings, EngineResult.from_hits(hits))
+        return analyze(mime.parse(raw), envelope, self.engines)
 
     def decide(self, analysis: Analysis) -> list[Decision]:
         """The verdict for every recipient, from lists, attachments and score."""
@@ -193,16 +208,10 @@ class Pipeline:
                 "", PASS, 0.0, [reason("LIST_ALLOW", f"sender allowed: {match.pattern}")]
             )
         if analysis.findings:
-            reasons += [
-                reason(
-                    "BLOCKED_ATTACHMENT",
-                    f"blocked attachment {f.filename or '(unnamed)'}: {f.reason}",
-                )
-                for f in analysis.findings
-            ]
+            reasons += analysis.reasons()
             return Decision("", QUARANTINE, analysis.result.score, reasons)
         result = analysis.result
-        reasons += [reason(hit.code, hit.text, hit.score) for hit in result.hits]
+        reasons += analysis.reasons()
         threshold = domain.quarantine_threshold
         if threshold is None:
             threshold = self.config.quarantine_threshold

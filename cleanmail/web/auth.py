@@ -20,11 +20,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response
 
-from cleanmail import audit, mailboxes, mailer, passwords, ratelimit, totp, web
+from cleanmail import audit, mailboxes, mailer, passwords, ratelimit, tokens, totp, web
 from cleanmail.config import Config
 from cleanmail.models import Mailbox
 from cleanmail.relay import Relay
-from cleanmail.tokens import LOGIN_LINK_DAYS, TokenExpired, TokenInvalid, Tokens
+from cleanmail.tokens import LOGIN_LINK_DAYS, TokenExpired, TokenInvalid
 from cleanmail.web import users
 from cleanmail.web.errors import render_error
 
@@ -56,8 +56,7 @@ Check = tuple[str, Limit]
 def login_url(mailbox: Mailbox, config: Config | None = None) -> str:
     """An absolute report link that logs a mailbox in (valid 15 days, revocable)."""
     config = config or web.config()
-    token = Tokens(config.secret_keys).dump("login", {"m": mailbox.id, "v": mailbox.key_version})
-    return f"{config.base_url}/l/{token}"
+    return tokens.login_url(config.base_url, config.secret_keys, mailbox.id, mailbox.key_version)
 
 
 def safe_next(target: str | None) -> str | None:
