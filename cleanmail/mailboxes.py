@@ -70,6 +70,31 @@ def add_domain(
     return domain
 
 
+def set_thresholds(
+    session: Session,
+    actor: audit.Actor,
+    name: str,
+    *,
+    quarantine_threshold: float | None,
+    reject_threshold: float | None,
+) -> Domain:
+    """Set a domain's own quarantine and reject thresholds (None: the global default, no reject)."""
+    domain = get_domain(session, name)
+    if reject_threshold is not None and reject_threshold < (quarantine_threshold or 0):
+        raise MailboxError("the reject threshold must not be below the quarantine threshold")
+    before = (domain.quarantine_threshold, domain.reject_threshold)
+    domain.quarantine_threshold, domain.reject_threshold = quarantine_threshold, reject_threshold
+    audit.record(
+        session,
+        actor,
+        "domain.thresholds",
+        domain=domain.name,
+        before=list(before),
+        after=[quarantine_threshold, reject_threshold],
+    )
+    return domain
+
+
 def remove_domain(session: Session, actor: audit.Actor, name: str) -> None:
     """Stop serving a domain; refused while its mailboxes still hold quarantined mail."""
     domain = get_domain(session, name)

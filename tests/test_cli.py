@@ -39,7 +39,15 @@ def run(config):
 
 def test_domains_and_mailboxes(run):
     assert "serving example.no" in run("domain", "add", "Example.NO").output
-    assert run("domain", "list").output.startswith("example.no\tthreshold=5.0")
+    assert run("domain", "list").output == "example.no\tthreshold=5.0\treject=never\n"
+    run("domain", "set", "example.no", "--threshold", "7", "--reject-threshold", "20")
+    assert run("domain", "list").output == "example.no\tthreshold=7.0\treject=20.0\n"
+    assert (
+        "must not be below"
+        in run(
+            "domain", "set", "example.no", "--threshold", "9", "--reject-threshold", "3", ok=False
+        ).output
+    )
     assert "created ola@example.no" in run("mailbox", "add", "Ola@Example.no").output
     assert "ola@example.no\towner\tnew=0" in run("mailbox", "list").output
     shown = run("mailbox", "show", "ola@example.no").output

@@ -270,3 +270,21 @@ def test_dots_and_line_ends_survive_the_smtp_round_trip(served, filter_server, s
     assert send(filter_server.port, ham)[0] == 250
     (got,) = smtp_sink.wait_for(1)
     assert got.data.endswith(ham)
+
+
+def test_reject_threshold_refuses_only_when_every_recipient_rejects(
+    served, filter_server, smtp_sink
+):
+    with served.session_scope(write=True) as session:
+        mailboxes.set_thresholds(
+            session, ACTOR, "example.no", quarantine_threshold=5.0, reject_threshold=100.0
+        )
+    filter_server.pipeline.forget_cache()
+    spam = message(body=f"{GTUBE}\n")
+    code, text = send(filter_server.port, spam)
+    assert (code, text) == (550, "5.7.1 Message refused as spam")
+    assert held(served) == []
+    # With a recipient that takes it, SMTP has one answer: the rejecting one is held.
+    assert send(filter_server.port, spam, rcpts=("ola@example.no", "x@elsewhere.test"))[0] == 250
+    assert [m.mailbox.address for m in held(served)] == ["ola@example.no"]
+    assert smtp_sink.wait_for(1)[0].rcpt_tos == ["x@elsewhere.test"]

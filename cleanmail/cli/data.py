@@ -35,6 +35,26 @@ def domain_add(state: State, name: str, threshold: float | None) -> None:
         click.echo(f"serving {domain.name}")
 
 
+@domain_group.command("set")
+@click.argument("name")
+@click.option("--threshold", type=float, help="Quarantine at this score (default: global).")
+@click.option("--reject-threshold", type=float, help="Refuse at this score (default: never).")
+@pass_state
+def domain_set(
+    state: State, name: str, threshold: float | None, reject_threshold: float | None
+) -> None:
+    """Set a domain's thresholds; an option left out goes back to its default."""
+    with state.database().session_scope(write=True) as session:
+        domain = mailboxes.set_thresholds(
+            session,
+            audit.cli_actor(),
+            name,
+            quarantine_threshold=threshold,
+            reject_threshold=reject_threshold,
+        )
+        click.echo(f"{domain.name}: threshold={threshold}, reject threshold={reject_threshold}")
+
+
 @domain_group.command("list")
 @pass_state
 def domain_list(state: State) -> None:
@@ -44,7 +64,8 @@ def domain_list(state: State) -> None:
             threshold = domain.quarantine_threshold
             if threshold is None:
                 threshold = state.config.quarantine_threshold
-            click.echo(f"{domain.name}\tthreshold={threshold}")
+            reject = "never" if domain.reject_threshold is None else domain.reject_threshold
+            click.echo(f"{domain.name}\tthreshold={threshold}\treject={reject}")
 
 
 @domain_group.command("remove")
