@@ -236,8 +236,10 @@ def app(config: config_module.Config, smtp_sink: SmtpSink):
 
 @pytest.fixture
 def client(app):
-    """A Flask test client."""
-    return app.test_client()
+    """A Flask test client whose browser asks for English (the app's default is bokmål)."""
+    test_client = app.test_client()
+    test_client.environ_base["HTTP_ACCEPT_LANGUAGE"] = "en"
+    return test_client
 
 
 @pytest.fixture
@@ -247,7 +249,9 @@ def owner(database: db.Database):
 
     with database.session_scope(write=True) as session:
         mailboxes.add_domain(session, audit.Actor("operator", "test"), "example.no")
-        return mailboxes.add_mailbox(session, audit.Actor("operator", "test"), "ola@example.no")
+        return mailboxes.add_mailbox(
+            session, audit.Actor("operator", "test"), "ola@example.no", language="en"
+        )
 
 
 def login_as(client, mailbox) -> None:

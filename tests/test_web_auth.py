@@ -109,16 +109,18 @@ def test_link_logs_in_reusably_and_leaves_the_url(app, client, owner, database):
         assert session.get(Mailbox, owner.id).last_login_at is not None
 
 
-def test_expired_link_mails_a_fresh_one(app, client, owner, smtp_sink):
+def test_expired_link_mails_a_fresh_one(app, client, database, owner, smtp_sink):
+    with database.session_scope(write=True) as session:
+        session.get(Mailbox, owner.id).language = "da"
     response = client.get(expired_path(app, owner), headers={"Accept-Language": "en"})
     page = response.get_data(as_text=True)
-    assert response.status_code == 410 and "expired" in page
-    assert '<html lang="nb">' in page  # the owner's language, not the browser's
+    assert response.status_code == 410 and "udløbet" in page
+    assert '<html lang="da">' in page  # the owner's language, not the browser's
     assert owner.address not in page
     token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
     hidden = re.search(r'name="token" value="([^"]+)"', page).group(1)
     sent = client.post("/link", data={"csrf_token": token, "token": hidden})
-    assert sent.status_code == 200 and "a link is on its way" in sent.get_data(as_text=True)
+    assert sent.status_code == 200 and '<html lang="da">' in sent.get_data(as_text=True)
     (message,) = smtp_sink.wait_for(1)
     assert message.mail_from in ("", "<>") and message.rcpt_tos == [owner.address]
     parsed = email.message_from_bytes(message.data, policy=email.policy.default)
