@@ -43,7 +43,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session  # noqa: E402
 
 from tests.servers import PostgresServer, free_port  # noqa: E402
 
-CORPUS = Path("/work/shared/corpus")
+CORPUS = Path(os.environ.get("CLEANMAIL_CORPUS", "") or ROOT.parent / "shared" / "corpus")
 CLEANMAIL = ROOT / ".venv" / "bin" / "cleanmail"
 PY_SPY = ROOT / ".venv" / "bin" / "py-spy"  # .venv/bin/pip install py-spy, for --profile
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"

@@ -49,7 +49,7 @@ from bench import ingest  # noqa: E402
 from tests.servers import PostgresServer, free_port  # noqa: E402
 
 CLEANMAIL = ROOT / ".venv" / "bin" / "cleanmail"
-CORPUS = Path("/work/shared/corpus")
+CORPUS = Path(os.environ.get("CLEANMAIL_CORPUS", "") or ROOT.parent / "shared" / "corpus")
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cleanmail-bench"
 FORMAT = 1  # bump when the generated data changes, so that cached databases are rebuilt
 BIG_ADDRESS = "big@example0.no"
