@@ -9,8 +9,10 @@ fall back to the stored English text.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any
 
+from flask_babel import get_locale
 from flask_babel import lazy_gettext as _l
 
 # Reasons that decide on their own whatever the score: shown before the scored ones.
@@ -99,7 +101,13 @@ _BLOCKED_CONTENT = _l("The attachment %(detail)s contains a program or other blo
 
 
 def codes() -> list[tuple[str, str]]:
-    """Every known code with its label, for the list's reason filter."""
+    """Every known code with its label in the current language, for the reason filter."""
+    return _codes(str(get_locale()))
+
+
+@lru_cache(maxsize=8)
+def _codes(locale: str) -> list[tuple[str, str]]:
+    # The catalogs do not change while the app runs, so one list per language will do.
     return [(code, str(label)) for code, label in LABELS.items()]
 
 

@@ -124,16 +124,22 @@ def parse_cursor(value: str | None) -> quarantine.Cursor | None:
         return None
 
 
-def _row(message: Message, tz: ZoneInfo) -> dict[str, Any]:
-    """What the list shows of one message."""
+def _row(message: Message, tz: ZoneInfo, described: dict[tuple[str, str], str]) -> dict[str, Any]:
+    """What the list shows of one message (reasons translated once per page)."""
     name, address = preview.sender(message.from_header, message.envelope_sender)
+    texts = []
+    for reason in reasons.top(message.reasons or []):
+        key = (str(reason.get("code")), str(reason.get("text")))
+        if key not in described:
+            described[key] = reasons.describe(reason)
+        texts.append(described[key])
     return {
         "id": message.id,
         "date": preview.local_time(message.received_at, tz),
         "name": name,
         "address": address,
         "subject": message.subject,
-        "reasons": [reasons.describe(r) for r in reasons.top(message.reasons or [])],
+        "reasons": texts,
         "size": preview.human_size(message.size),
         "status": message.status,
         "release_error": message.release_error,
@@ -148,6 +154,7 @@ def index() -> str:
     mailbox = owner_mailbox(session)
     tz = preview.zone(mailbox.timezone)
     form = ListForm.parse(request.args)
+    described: dict[tuple[str, str], str] = {}
     page = quarantine.search(
         session,
         mailbox.id,
@@ -160,7 +167,8 @@ def index() -> str:
         "quarantine/index.html",
         form=form,
         page=page,
-        rows=[_row(message, tz) for message in page.messages],
+        rows=[_row(message, tz, described) for message in page.messages],
+        message_path=url_for("quarantine.message", message_id=0).removesuffix("0"),
         new_count=quarantine.count_new(session, mailbox.id),
         reason_codes=reasons.codes(),
         format_cursor=format_cursor,
