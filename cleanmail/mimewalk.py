@@ -9,28 +9,33 @@ walk is iterative, capped, linear, and keeps bodies as spans of the raw message.
 from __future__ import annotations
 
 import binascii
+import heapq
+import io
 import re
 from collections.abc import Iterator
 from email import errors
 from email.message import Message
-from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import NamedTuple
 
 MAX_DEPTH = 40
 MAX_PARTS = 1000
 
-# A line that can be part of a header block, and the first one that cannot (the
-# feedparser's test): a blank line, or a line of body text where headers were due.
-_HEADER = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")
-_NOT_HEADER = re.compile(rb"^(?!From |[\x21-\x39\x3b-\x7e]*:|[\t ])", re.MULTILINE)
+# The header lines at the start of a block (the email package's test for a header
+# line), up to the blank line or the first line of body text where headers were due.
+_LINE = rb"(?:From |[\x21-\x39\x3b-\x7e]*:|[\t ])[^\r\n]*+(?:\r\n|\r|\n|\Z)"
+_HEADER_LINES = re.compile(rb"(?:%s)*+" % _LINE)
+# A header bomb (millions of short lines) would cost seconds and hundreds of MiB as
+# Message objects: lines past this many are skipped, and that is a defect.
+MAX_HEADER_LINES = 50_000
+_KEPT_HEADER_LINES = re.compile(rb"(?:%s){0,%d}+" % (_LINE, MAX_HEADER_LINES))
 # What may follow "--boundary" on a delimiter line: "--" on the last one, then blanks.
 _TAIL = re.compile(rb"(--)?[ \t]*(?=[\r\n]|\Z)")
 # bytes.find is fast and needs no compiling; lines that only look like a boundary
 # (hostile mail repeats them) switch the search to a pattern compiled for it.
 _FALSE_HITS = 64
+_IDENTITY = ("7bit", "8bit", "binary")
 _UUENCODE = ("x-uuencode", "uuencode", "uue", "x-uue")
-_PARSER = BytesHeaderParser(policy=compat32)
 
 
 class Leaf(NamedTuple):
@@ -80,22 +85,53 @@ def walk(raw: bytes) -> tuple[Message, list[Leaf], list[str]]:
 
 def read_headers(raw: bytes, start: int, end: int) -> tuple[Message, int]:
     """The header block at start, parsed, and where the body after it starts."""
-    cut = start
-    if start < end and _HEADER.match(raw, start, end):
-        found = _NOT_HEADER.search(raw, start + 1, end)
-        cut = found.start() if found else end
-    message = _PARSER.parsebytes(raw[start:cut])
-    body = cut
-    if cut < end:
-        if raw[cut] in b"\r\n":
-            body = _next_line(raw, cut, end)
+    found = _HEADER_LINES.match(raw, start, end)  # always matches, if only nothing
+    cut = found.end() if found else start
+    kept = cut
+    if cut - start > MAX_HEADER_LINES * 20:  # only a block this big can hold too many
+        capped = _KEPT_HEADER_LINES.match(raw, start, cut)
+        kept = capped.end() if capped else cut
+    message, pushed_back = _header_message(raw[start:kept])
+    if kept < cut:
+        message.defects.append(errors.InvalidHeaderDefect("too many header lines"))
+        pushed_back = 0
+    if cut < end and raw[cut] not in b"\r\n":
+        message.defects.append(errors.MissingHeaderBodySeparatorDefect())
+    elif cut < end and not pushed_back:
+        return message, _next_line(raw, cut, end)  # the blank line is neither's
+    return message, cut - pushed_back
+
+
+def _header_message(block: bytes) -> tuple[Message, int]:
+    """Header lines read as the email package reads them (its _parse_headers), and the
+    length of a last line that it takes for body text after all."""
+    message, pushed_back = Message(), 0
+    lines = io.StringIO(block.decode("ascii", "surrogateescape"), newline="").readlines()
+    header: list[str] = []
+    for number, line in enumerate(lines):
+        if line[0] in " \t":
+            if header:
+                header.append(line)
+            else:
+                message.defects.append(errors.FirstHeaderLineIsContinuationDefect(line))
+            continue
+        if header:
+            message.set_raw(*compat32.header_source_parse(header))
+            header = []
+        if line.startswith("From "):
+            if number == 0:
+                message.set_unixfrom(line.rstrip("\r\n"))
+            elif number == len(lines) - 1:  # the package guesses it starts the body
+                pushed_back = len(line)
+            else:
+                message.defects.append(errors.MisplacedEnvelopeHeaderDefect(line))
+        elif line[0] == ":":
+            message.defects.append(errors.InvalidHeaderDefect("Missing header name."))
         else:
-            message.defects.append(errors.MissingHeaderBodySeparatorDefect())
-    rest = message.get_payload()
-    if isinstance(rest, str) and rest:  # a bare CR ended the block before our cut
-        body = cut - len(rest)
-    message.set_payload(None)
-    return message, body
+            header = [line]
+    if header:
+        message.set_raw(*compat32.header_source_parse(header))
+    return message, pushed_back
 
 
 def _children(
@@ -124,6 +160,8 @@ def _children(
         delimiter = b"--" + boundary.encode("ascii", "surrogateescape")
     except UnicodeEncodeError:  # an RFC 2231 boundary in a charset: no line can match it
         delimiter = b""
+    if b"\r" in delimiter or b"\n" in delimiter:  # folded into the value: nor can this
+        delimiter = b""
     limit = 0 if node.depth >= MAX_DEPTH else limit
     spans, closed, end = _split(raw, body, node.end, delimiter, limit)
     if spans is None:
@@ -133,9 +171,6 @@ def _children(
         headers.defects.append(errors.CloseBoundaryNotFoundDefect())
     digest = ctype == "multipart/digest"
     return [_Node(start, stop, node.depth + 1, True, digest) for start, stop in spans], 0
-
-
-_IDENTITY = ("7bit", "8bit", "binary")
 
 
 def _split(
@@ -174,15 +209,20 @@ def _delimiters(
         at = raw.find(delimiter, pos, end)
         if at < 0:
             return
-        tail = _TAIL.match(raw, at + len(delimiter), end) if raw[at - 1] in b"\r\n" else None
+        at_line_start = at > 0 and raw[at - 1] in b"\r\n"
+        tail = _TAIL.match(raw, at + len(delimiter), end) if at_line_start else None
         if tail is None:
             false_hits += 1
             pos = at + 1
             continue
         yield at, tail.end(), tail.group(1) is not None
         pos = tail.end()
-    pattern = re.compile(rb"[\r\n](" + re.escape(delimiter) + rb")(--)?[ \t]*(?=[\r\n]|\Z)")
-    for match in pattern.finditer(raw, pos - 1, end):
+    # A literal pattern per kind of line break keeps the regex engine's fast search.
+    rest = re.escape(delimiter) + rb")(--)?[ \t]*(?=[\r\n]|\Z)"
+    pos = max(pos - 1, 0)
+    eols = (b"\n", b"\r") if raw.find(b"\r" + delimiter, pos, end) >= 0 else (b"\n",)
+    found = [re.compile(eol + b"(" + rest).finditer(raw, pos, end) for eol in eols]
+    for match in heapq.merge(*found, key=lambda match: match.start()):
         yield match.start(1), match.end(), match.group(2) is not None
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import smtplib
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from sqlalchemy import func, select
 
 from cleanmail import audit, mailboxes
+from cleanmail.filter.engines import EngineResult
 from cleanmail.models import Message
 from tests.conftest import FilterThread
 from tests.messages import GTUBE
@@ -57,12 +59,30 @@ def test_hostile_message_gets_250_and_is_kept(served, filter_server, smtp_sink, 
     assert quarantined + len(smtp_sink.messages) == 1
 
 
+class SlowEngine:
+    """An engine that takes longer than the filter's time limit (like a hung scanner)."""
+
+    name = "slow"
+
+    def check(self, message, envelope):
+        time.sleep(1.5)
+        return EngineResult.from_hits([])
+
+
 def test_a_check_past_the_time_limit_answers_451(served, config, database, smtp_sink):
-    slow = dataclasses.replace(config, verdict_timeout=0.000001)
+    hurried = dataclasses.replace(config, verdict_timeout=0.3)
     config.store_dir.mkdir(parents=True, exist_ok=True)
-    running = FilterThread(slow, database).start()
+    running = FilterThread(hurried, database)
+    running.pipeline.engines.append(SlowEngine())
+    running.start()
     try:
-        assert deliver(running.port, HOSTILE["deep-nesting"]) == 451
+        started = time.monotonic()
+        assert deliver(running.port, HOSTILE["script-subject"]) == 451
+        assert time.monotonic() - started < 1.2
+        time.sleep(1.5)  # the late check finishes, and must have delivered nothing
+        assert smtp_sink.messages == []
+        with served.session_scope() as session:
+            assert session.scalar(select(func.count()).select_from(Message)) == 0
     finally:
         running.stop()
 

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import base64
+import email
+import gc
+import os
 import time
+import tracemalloc
+from email.message import EmailMessage, Message
+from email.policy import SMTP, compat32
+from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cleanmail import mime
+from cleanmail import mime, mimewalk
 from cleanmail.filter import attachments, rules
 from cleanmail.filter.engines import Envelope
 
 ENVELOPE = Envelope(sender="a@example.com", recipients=("ola@example.no",))
+CORPUS = Path("/work/shared/corpus")
 
 
 def nested(depth: int) -> bytes:
@@ -143,3 +153,147 @@ def broken_mime(draw: st.DrawFn) -> bytes:
 @given(broken_mime())
 def test_broken_mime_never_breaks_the_checks(raw: bytes) -> None:
     check_everything(raw)
+
+
+TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=400)
+NAMES = st.text("abcxyzABC019_-.æøå€", min_size=1, max_size=30).filter(lambda n: n.strip("."))
+TYPES = st.sampled_from(["application/pdf", "application/zip", "image/png", "text/plain"])
+
+
+@st.composite
+def well_formed(draw: st.DrawFn) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """A message as the stdlib writes one, and the attachments put into it."""
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "kari@example.com", "ola@example.no", "Hei"
+    msg.set_content(draw(TEXT) + "\n")
+    if draw(st.booleans()):
+        msg.add_alternative(f"<p>{draw(TEXT)}</p>\n", subtype="html")
+    attached = []
+    for _ in range(draw(st.integers(0, 4))):
+        name, data = draw(NAMES), draw(st.binary(max_size=3000))
+        maintype, _, subtype = draw(TYPES).partition("/")
+        if maintype == "text":  # the stdlib rewrites line ends: compared with it only
+            msg.add_attachment(data.decode("latin-1"), subtype=subtype, filename=name)
+        else:
+            msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+            attached.append((name, data))
+    if draw(st.booleans()):  # a forwarded message: a message/rfc822 part with parts inside
+        outer = EmailMessage()
+        outer["Subject"] = "Fwd: Hei"
+        outer.set_content("see below\n")
+        outer.add_attachment(msg)
+        msg = outer
+    stem = draw(st.text("abcXYZ019'()+_,-./:=? ", min_size=1, max_size=40).map(str.strip))
+    for number, part in enumerate(m for m in msg.walk() if m.is_multipart()):
+        if part.get_content_maintype() == "multipart":  # not random.random, for hypothesis
+            part.set_boundary(f"{stem}{number}")
+    linesep = draw(st.sampled_from(["\r\n", "\n"]))
+    return msg.as_bytes(policy=SMTP.clone(linesep=linesep)), attached
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(well_formed())
+def test_parts_are_the_ones_the_email_package_finds(case: tuple[bytes, list]) -> None:
+    raw, attached = case
+    leaves = [
+        m for m in email.message_from_bytes(raw, policy=compat32).walk() if not m.is_multipart()
+    ]
+    parsed = mime.parse(raw)
+    assert [p.content_type for p in parsed.parts] == [m.get_content_type() for m in leaves]
+    assert [p.payload for p in parsed.parts] == [m.get_payload(decode=True) for m in leaves]
+    assert [p.filename for p in parsed.parts] == [m.get_filename() for m in leaves]
+    kept = [(p.filename, p.payload) for p in parsed.parts if p.filename]
+    assert [(name, data) for name, data in kept if (name, data) in attached] == attached
+    assert not parsed.defects
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(max_size=200) | st.text("QUJDab+/=\r\n !\x00é", max_size=200).map(str.encode),
+    st.sampled_from(["base64", "quoted-printable", "7bit", "x-uuencode"]),
+)
+def test_transfer_encodings_decode_as_the_email_package_does(body: bytes, encoding: str) -> None:
+    message = Message()
+    message["Content-Transfer-Encoding"] = encoding
+    message.set_payload(body.decode("ascii", "surrogateescape"))
+    assert mimewalk.decode(memoryview(body), encoding) == message.get_payload(decode=True)
+
+
+def test_lf_only_and_broken_structure() -> None:
+    raw = (
+        b"Subject: lf\nContent-Type: multipart/mixed; boundary=b\n\npreamble\n--b \n"
+        b"Content-Type: text/plain\n\nfirst\n--b\t\nContent-Type: message/rfc822\n\n"
+        b"Subject: inner\nContent-Type: text/html\n\n<p>inner</p>\n\n--b\n\nno close\n"
+    )
+    parsed = mime.parse(raw)
+    assert [(p.content_type, p.depth, p.payload) for p in parsed.parts] == [
+        ("text/plain", 1, b"first"),
+        ("text/html", 2, b"<p>inner</p>\n"),
+        ("text/plain", 1, b"no close"),
+    ]
+    assert parsed.defects == ["mime-defects"]  # the close delimiter never came
+    no_boundary = mime.parse(b"Content-Type: multipart/mixed\r\n\r\n--x\r\nhi\r\n")
+    assert [p.payload for p in no_boundary.parts] == [b"--x\r\nhi\r\n"]
+    assert no_boundary.defects == ["mime-defects"]
+
+
+def test_a_header_bomb_is_cut_short() -> None:
+    raw = b"Subject: bomb\r\n" + b"X-H: y\r\n" * 300_000 + b"\r\nbody\r\n"
+    started = time.monotonic()
+    parsed = check_everything(raw)
+    assert time.monotonic() - started < 5
+    assert parsed.subject == "bomb" and parsed.text_body == "body\r\n"
+    assert len(parsed.headers) == mimewalk.MAX_HEADER_LINES
+    assert parsed.defects == ["mime-defects"]
+
+
+def big_message(size: int = 18 * 2**20, attachment: int = 13 * 2**20) -> bytes:
+    """A message of about size bytes, most of it one base64 attachment of random bytes."""
+    encoded = base64.encodebytes(os.urandom(attachment)).replace(b"\n", b"\r\n")
+    head = (
+        b'From: a@example.com\r\nSubject: big\r\nContent-Type: multipart/mixed; boundary="b"\r\n'
+        b"\r\n--b\r\nContent-Type: text/plain\r\n\r\n"
+    )
+    tail = b'\r\n--b\r\nContent-Type: application/octet-stream; name="data.bin"\r\n'
+    tail += b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded + b"--b--\r\n"
+    filler = b"Some words of body text.\r\n" * max(0, (size - len(head) - len(tail)) // 26)
+    return head + filler + tail
+
+
+def test_memory_of_an_18_mib_message() -> None:
+    raw = big_message()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        parsed = mime.parse(raw)
+        attachments.scan(parsed.parts)
+        rules.RulesEngine().check(parsed, ENVELOPE)
+        held, peak = (value - base for value in tracemalloc.get_traced_memory())
+    finally:
+        tracemalloc.stop()
+    print(f"18 MiB message: peak {peak / 2**20:.1f} MiB above the raw {len(raw) / 2**20:.1f} MiB")
+    assert len(parsed.parts[1].payload) == 13 * 2**20
+    assert peak <= 2.5 * len(raw)
+    assert held < 2**20 * 4  # the decoded attachment is not kept once the scan is done
+
+
+@pytest.mark.skipif(not CORPUS.is_dir(), reason="no corpus")
+def test_speed_against_the_email_package(capsys: pytest.CaptureFixture[str]) -> None:
+    raws = []
+    for folder in ("ham", "spam"):
+        for path in sorted((CORPUS / folder).iterdir())[:250]:
+            raw = path.read_bytes()
+            raws.append(raw.partition(b"\n")[2] if raw.startswith(b"From ") else raw)
+    started = time.perf_counter()
+    for raw in raws:
+        email.message_from_bytes(raw, policy=compat32)
+    old = time.perf_counter() - started
+    started = time.perf_counter()
+    for raw in raws:
+        mime.parse(raw)
+    new = time.perf_counter() - started
+    with capsys.disabled():
+        per = 1e6 / len(raws)
+        print(f"\nparse of {len(raws)} corpus messages: email package {old * per:.0f} µs, ", end="")
+        print(f"mime.parse {new * per:.0f} µs per message")
