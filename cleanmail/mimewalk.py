@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from email import errors
 from email.message import Message
 from email.policy import compat32
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 MAX_DEPTH = 40
 MAX_PARTS = 1000
@@ -102,10 +102,55 @@ def read_headers(raw: bytes, start: int, end: int) -> tuple[Message, int]:
     return message, cut - pushed_back
 
 
+class IndexedMessage(Message):
+    """A compat32 Message whose header look-ups use an index instead of a scan.
+
+    The checks ask for some twenty headers of every message, and Message.get walks
+    the whole header list each time.
+    """
+
+    _index: dict[str, list[tuple[str, str]]] | None = None
+
+    def _headers_by_name(self) -> dict[str, list[tuple[str, str]]]:
+        if self._index is None:
+            index: dict[str, list[tuple[str, str]]] = {}
+            for name, value in self._headers:
+                index.setdefault(name.lower(), []).append((name, value))
+            self._index = index
+        return self._index
+
+    def get(self, name: str, failobj: Any = None) -> Any:
+        """The first value of a header, as Message.get gives it."""
+        found = self._headers_by_name().get(name.lower())
+        if not found:
+            return failobj
+        return self.policy.header_fetch_parse(*found[0])
+
+    def get_all(self, name: str, failobj: Any = None) -> Any:
+        """Every value of a header, as Message.get_all gives them."""
+        found = self._headers_by_name().get(name.lower())
+        if not found:
+            return failobj
+        return [self.policy.header_fetch_parse(k, v) for k, v in found]
+
+    def set_raw(self, name: str, value: Any) -> None:
+        """Add a header (and forget the index)."""
+        self._index = None
+        super().set_raw(name, value)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self._index = None
+        super().__setitem__(name, value)
+
+    def __delitem__(self, name: str) -> None:
+        self._index = None
+        super().__delitem__(name)
+
+
 def _header_message(block: bytes) -> tuple[Message, int]:
     """Header lines read as the email package reads them (its _parse_headers), and the
     length of a last line that it takes for body text after all."""
-    message, pushed_back = Message(), 0
+    message, pushed_back = IndexedMessage(), 0
     lines = io.StringIO(block.decode("ascii", "surrogateescape"), newline="").readlines()
     header: list[str] = []
     for number, line in enumerate(lines):
