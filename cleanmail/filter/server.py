@@ -11,6 +11,7 @@ import logging
 import re
 import signal
 import socket
+import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,30 @@ XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PROTO", "HELO")
 LINE_LIMIT = 64 * 1024
 # Anything but a plain address inside <...> goes to aiosmtpd's full parser.
 _UNUSUAL = re.compile(r'[\s"\\(),:;<\[\]]')
+
+
+class _Job:
+    """One message in a worker thread: abandoned by a timeout, or delivering; never both."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = "checking"
+
+    def begin_delivery(self) -> bool:
+        """Move on to storing and relaying, unless the message was abandoned."""
+        with self._lock:
+            if self._state == "abandoned":
+                return False
+            self._state = "delivering"
+            return True
+
+    def abandon(self) -> bool:
+        """Give up on a message still being checked; False once delivery has begun."""
+        with self._lock:
+            if self._state == "delivering":
+                return False
+            self._state = "abandoned"
+            return True
 
 
 class FilterSMTP(SMTP):
@@ -228,25 +253,34 @@ class Handler:
             client_helo=forwarded.get("HELO"),
             mail_options=tuple(o.upper() for o in envelope.mail_options),
         )
+        job = _Job()
+        future = loop.run_in_executor(self.executor, self._run, job, raw, check_envelope)
         try:
-            analysis = await asyncio.wait_for(
-                loop.run_in_executor(self.executor, self.pipeline.analyze, raw, check_envelope),
-                self.config.verdict_timeout,
-            )
+            return await asyncio.wait_for(asyncio.shield(future), self.config.verdict_timeout)
         except TimeoutError:
-            log.error(
-                "checking a message from <%s> took longer than %ss",
-                envelope.mail_from,
-                self.config.verdict_timeout,
-            )
-            return REPLY_TIMEOUT
-        except Exception:
-            log.exception("checking a message from <%s> failed", envelope.mail_from)
-            return REPLY_INTERNAL
+            if job.abandon():
+                log.error(
+                    "checking a message from <%s> took longer than %ss",
+                    envelope.mail_from,
+                    self.config.verdict_timeout,
+                )
+                return REPLY_TIMEOUT
+            # Delivery had already begun: only its own outcome may be reported.
+            return await future
+
+    def _run(self, job: _Job, raw: bytes, envelope: CheckEnvelope) -> str:
+        """Check, then deliver unless the SMTP side gave up waiting (one thread hop)."""
         try:
-            return await loop.run_in_executor(self.executor, self._deliver, raw, analysis)
+            analysis = self.pipeline.analyze(raw, envelope)
+        except Exception:
+            log.exception("checking a message from <%s> failed", envelope.sender)
+            return REPLY_INTERNAL
+        if not job.begin_delivery():
+            return REPLY_TIMEOUT  # the client was told 451 already; nothing may happen now
+        try:
+            return self._deliver(raw, analysis)
         except RelayError as exc:
-            log.warning("relay refused a message from <%s>: %s", envelope.mail_from, exc)
+            log.warning("relay refused a message from <%s>: %s", envelope.sender, exc)
             return REPLY_RELAY_FAILED if exc.temporary else f"{exc.code} {exc.text}"
         except StoreError as exc:
             log.error("store failed: %s", exc)
@@ -255,7 +289,7 @@ class Handler:
             log.error("database failed: %s", str(exc).splitlines()[0])
             return REPLY_DB_FAILED
         except Exception:
-            log.exception("delivering a message from <%s> failed", envelope.mail_from)
+            log.exception("delivering a message from <%s> failed", envelope.sender)
             return REPLY_INTERNAL
 
     def _deliver(self, raw: bytes, analysis: Any) -> str:
