@@ -124,6 +124,15 @@ def check_migrated(database: Database) -> None:
         )
 
 
+def check_ready(url: str) -> None:
+    """Before a daemon starts: the database answers and is migrated (no pool is kept)."""
+    database = Database(url)
+    try:
+        check_migrated(database)
+    finally:
+        database.dispose()
+
+
 def safe_url(url: str) -> str:
     """The database address without its password, for messages."""
     scheme, sep, rest = url.partition("://")

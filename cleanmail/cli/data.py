@@ -177,6 +177,19 @@ def lists_group() -> None:
     """Manage allow (white) and block (black) lists."""
 
 
+def _change_lists(
+    state: State, owner_options: tuple, allow: tuple[str, ...], block: tuple[str, ...], change: Any
+) -> None:
+    """Apply ``change(session, action, pattern, owner)`` to every pattern given."""
+    if not allow and not block:
+        raise lists.ListError("give --allow PATTERN or --block PATTERN")
+    with state.database().session_scope(write=True) as session:
+        owner = _owner(session, *owner_options)
+        for action, patterns in (("allow", allow), ("block", block)):
+            for pattern in patterns:
+                click.echo(change(session, action, pattern, owner))
+
+
 @lists_group.command("add")
 @_list_options
 @click.option("--allow", "allow", multiple=True, help="Pattern to allow.")
@@ -191,14 +204,12 @@ def lists_add(
     block: tuple[str, ...],
 ) -> None:
     """Add patterns (address, domain, *@domain, *.domain) to a list."""
-    if not allow and not block:
-        raise lists.ListError("give --allow PATTERN or --block PATTERN")
-    with state.database().session_scope(write=True) as session:
-        owner = _owner(session, mailbox, domain, is_global)
-        for action, patterns in (("allow", allow), ("block", block)):
-            for pattern in patterns:
-                entry = lists.add(session, audit.cli_actor(), action, pattern, **owner)
-                click.echo(f"{entry.action} {entry.pattern}")
+
+    def add(session: Any, action: str, pattern: str, owner: dict) -> str:
+        entry = lists.add(session, audit.cli_actor(), action, pattern, **owner)
+        return f"{entry.action} {entry.pattern}"
+
+    _change_lists(state, (mailbox, domain, is_global), allow, block, add)
 
 
 @lists_group.command("remove")
@@ -215,14 +226,12 @@ def lists_remove(
     block: tuple[str, ...],
 ) -> None:
     """Remove patterns from a list."""
-    if not allow and not block:
-        raise lists.ListError("give --allow PATTERN or --block PATTERN")
-    with state.database().session_scope(write=True) as session:
-        owner = _owner(session, mailbox, domain, is_global)
-        for action, patterns in (("allow", allow), ("block", block)):
-            for pattern in patterns:
-                entry = lists.remove(session, audit.cli_actor(), pattern, action=action, **owner)
-                click.echo(f"removed {entry.pattern} from the {action} list")
+
+    def remove(session: Any, action: str, pattern: str, owner: dict) -> str:
+        entry = lists.remove(session, audit.cli_actor(), pattern, action=action, **owner)
+        return f"removed {entry.pattern} from the {action} list"
+
+    _change_lists(state, (mailbox, domain, is_global), allow, block, remove)
 
 
 @lists_group.command("show")

@@ -38,11 +38,7 @@ def build_pipeline(config: Config, database: db.Database) -> Pipeline:
 
 def run(config: Config, *, ready: Callable[[], None] | None = None) -> int:
     """Serve SMTP until told to stop; refuses to start on an unmigrated database."""
-    database = db.Database(config.database_url)
-    try:
-        db.check_migrated(database)
-    finally:
-        database.dispose()
+    db.check_ready(config.database_url)
     config.store_dir.mkdir(parents=True, exist_ok=True)
     if config.filter_workers == 1:
         serve_one(config, ready=ready)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from flask import Flask, current_app, g, request
 from flask_wtf.csrf import CSRFProtect
@@ -127,3 +128,14 @@ def actor() -> audit.Actor:
 def config() -> config_module.Config:
     """Cleanmail's configuration."""
     return current_app.config["CLEANMAIL"]
+
+
+def safe_next(target: str | None) -> str | None:
+    """A same-site path to go to after login, or None: never another site."""
+    if not target or not target.startswith("/") or target.startswith("//"):
+        return None
+    # Browsers read "\" as "/" and drop control characters, so "/\evil" would leave the site.
+    if "\\" in target or any(ord(c) < 32 or ord(c) == 127 for c in target):
+        return None
+    parts = urlsplit(target)
+    return None if parts.scheme or parts.netloc else target

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from flask import (
@@ -245,12 +244,7 @@ def preview_document(message_id: int) -> Response:
 
 def _next(default: str) -> str:
     """Where to go after an action: a local path from the form, never another site."""
-    target = request.form.get("next", "")
-    parts = urlsplit(target)
-    local = target.startswith("/") and not target.startswith(("//", "/\\"))
-    if local and not parts.scheme and not parts.netloc and "\\" not in target:
-        return target
-    return default
+    return web.safe_next(request.form.get("next")) or default
 
 
 @bp.post("/messages/<int:message_id>/release")

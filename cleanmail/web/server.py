@@ -40,10 +40,6 @@ def run(config: Config) -> None:
     """Serve until gunicorn is told to stop; refuses to start on an unmigrated database."""
     from cleanmail import db
 
-    database = db.Database(config.database_url)
-    try:
-        db.check_migrated(database)
-    finally:
-        database.dispose()
+    db.check_ready(config.database_url)
     config.store_dir.mkdir(parents=True, exist_ok=True)
     WebServer(config).run()
