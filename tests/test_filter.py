@@ -72,11 +72,11 @@ def test_gtube_is_quarantined_with_its_reason_and_exact_bytes(
 
 
 def test_unserved_recipients_pass_untouched(served, filter_server, smtp_sink):
-    raw = message(to="someone@elsewhere.test", body=f"{GTUBE}\n")
-    code, _ = send(filter_server.port, raw, rcpts=("someone@elsewhere.test",))
+    raw = message(to="Some.One@Elsewhere.test", body=f"{GTUBE}\n")
+    code, _ = send(filter_server.port, raw, rcpts=("Some.One@Elsewhere.test",))
     assert code == 250
     (got,) = smtp_sink.wait_for(1)
-    assert got.data == raw
+    assert got.data == raw and got.rcpt_tos == ["Some.One@Elsewhere.test"]
     assert held(served) == []
 
 

@@ -153,32 +153,34 @@ class Pipeline:
         """The verdict for every recipient, from lists, attachments and score."""
         served, shared = self._directory()
         envelope = analysis.envelope
-        ours = [r for r in envelope.recipients if mime.address_domain(r) in served]
+        ours = _served_mailboxes(envelope.recipients, served)
+        # Recipients elsewhere pass as given: their address is not ours to rewrite.
         decisions = [Decision(r, PASS) for r in envelope.recipients if r not in ours]
         if not ours:
             return decisions
         domain_ids = {name: served[name].id for name in served}
+        addresses = set(ours.values())
         with self.database.engine.connect() as connection:
-            ids, own = lists.mailbox_rules(connection, ours)
-        if len(ids) < len(set(ours)):
+            ids, own = lists.mailbox_rules(connection, addresses)
+        if len(ids) < len(addresses):
             with self.database.session_scope(write=True) as session:
-                mailboxes.ensure_mailboxes(session, ours, domain_ids)
-                ids, own = lists.mailbox_rules(session.connection(), ours)
+                mailboxes.ensure_mailboxes(session, addresses, domain_ids)
+                ids, own = lists.mailbox_rules(session.connection(), addresses)
         rules = shared + own
         senders = [("envelope", envelope.sender.lower()), ("from", analysis.parsed.from_address)]
         auth_cache: list[auth.AuthResults] = []
-        for recipient in ours:
-            domain = served[mime.address_domain(recipient)]
+        for recipient, address in ours.items():
+            domain = served[address.rpartition("@")[2]]
             mine = [
                 r
                 for r in rules
                 if r.scope == "global"
                 or (r.scope == "domain" and r.domain_id == domain.id)
-                or (r.scope == "mailbox" and r.mailbox_id == ids[recipient])
+                or (r.scope == "mailbox" and r.mailbox_id == ids[address])
             ]
             matches = lists.decide(mine, senders)
             decision = self._verdict(analysis, domain, matches, auth_cache)
-            decision.recipient, decision.mailbox_id = recipient, ids[recipient]
+            decision.recipient, decision.mailbox_id = recipient, ids[address]
             decisions.append(decision)
         return decisions
 
@@ -272,6 +274,19 @@ class Pipeline:
 
 
 REPLY_REJECTED = "550 5.7.1 Message refused as spam"
+
+
+def _served_mailboxes(recipients: Sequence[str], served: dict[str, ServedDomain]) -> dict[str, str]:
+    """Recipient as given -> its mailbox address, for recipients in served domains."""
+    ours = {}
+    for recipient in recipients:
+        try:
+            address = mailboxes.normalize_address(recipient)
+        except mailboxes.MailboxError:
+            continue  # not an address we could keep a mailbox for; the next hop decides
+        if address.rpartition("@")[2] in served:
+            ours[recipient] = address
+    return ours
 
 
 def pass_headers(decision: Decision) -> bytes:

@@ -20,7 +20,6 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from sqlalchemy.exc import SQLAlchemyError
 
-from cleanmail import mailboxes
 from cleanmail.config import Config
 from cleanmail.filter.engines import Envelope as CheckEnvelope
 from cleanmail.filter.pipeline import Pipeline
@@ -210,12 +209,14 @@ class Handler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        """Accept syntactically valid recipients, up to the per-transaction limit."""
+        """Take recipients as given, up to the per-transaction limit.
+
+        Addresses are not rewritten: one outside our domains goes on exactly as Postfix
+        sent it, and the next hop judges it.
+        """
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return REPLY_TOO_MANY_RCPTS
-        try:
-            address = mailboxes.normalize_address(address)
-        except mailboxes.MailboxError:
+        if not address or "@" not in address:
             return REPLY_BAD_RCPT
         if address not in envelope.rcpt_tos:
             envelope.rcpt_tos.append(address)
