@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 
@@ -12,7 +13,7 @@ from cleanmail import audit, sql
 from cleanmail.models import Domain, Mailbox, Message, Status
 
 _ADDRESS = re.compile(
-    r"^[^\s@<>()\[\],;:\"\\]{1,64}@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+"
+    r"^[^\s\x00-\x1f\x7f@<>()\[\],;:\"\\]{1,64}@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+"
     r"[a-z0-9-]{2,63}$"
 )
 _DOMAIN = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$")
@@ -80,6 +81,9 @@ def set_thresholds(
 ) -> Domain:
     """Set a domain's own quarantine and reject thresholds (None: the global default, no reject)."""
     domain = get_domain(session, name)
+    for value in (quarantine_threshold, reject_threshold):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise MailboxError(f"a threshold must be a positive number, not {value}")
     if reject_threshold is not None and reject_threshold < (quarantine_threshold or 0):
         raise MailboxError("the reject threshold must not be below the quarantine threshold")
     before = (domain.quarantine_threshold, domain.reject_threshold)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from cleanmail import sql
@@ -31,6 +31,15 @@ def exceeded(session: Session, key: str, *, limit: int, window: timedelta) -> bo
     """Whether a key is over its limit now, without counting an attempt."""
     row = session.scalar(select(RateLimit).where(RateLimit.key == key[:255]))
     return row is not None and utcnow() - row.window_start < window and row.count >= limit
+
+
+def refund(session: Session, key: str) -> None:
+    """Take back one counted attempt (one that turned out to be no attack)."""
+    session.execute(
+        update(RateLimit)
+        .where(RateLimit.key == key[:255], RateLimit.count > 0)
+        .values(count=RateLimit.count - 1)
+    )
 
 
 def reset(session: Session, key: str) -> None:

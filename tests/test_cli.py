@@ -42,6 +42,13 @@ def test_domains_and_mailboxes(run):
     assert run("domain", "list").output == "example.no\tthreshold=5.0\treject=never\n"
     run("domain", "set", "example.no", "--threshold", "7", "--reject-threshold", "20")
     assert run("domain", "list").output == "example.no\tthreshold=7.0\treject=20.0\n"
+    run("domain", "set", "example.no", "--reject-threshold", "25")  # the threshold stays 7
+    assert run("domain", "list").output == "example.no\tthreshold=7.0\treject=25.0\n"
+    run("domain", "set", "example.no", "--threshold", "default", "--reject-threshold", "never")
+    assert run("domain", "list").output == "example.no\tthreshold=5.0\treject=never\n"
+    for bad in ("nan", "inf", "-5", "abc"):
+        refused = run("domain", "set", "example.no", "--threshold", bad, ok=False)
+        assert refused.exit_code == 1 and refused.output.count("\n") == 1
     assert (
         "must not be below"
         in run(
@@ -105,6 +112,23 @@ def test_quarantine_add_list_show(run, tmp_path, config):
     assert json.loads(run("quarantine", "list", "--json", "--status", "released").output) == []
     assert "GTUBE" in run("quarantine", "show", str(message_id)).output
     assert run("quarantine", "show", str(message_id), "--raw").stdout_bytes == raw
+    empty = tmp_path / "empty.eml"
+    empty.write_bytes(b"")
+    assert (
+        "not a mail message"
+        in run("quarantine", "add", str(empty), "--rcpt", "ola@example.no", ok=False).output
+    )
+    bad_sender = run(
+        "quarantine",
+        "add",
+        str(path),
+        "--rcpt",
+        "ola@example.no",
+        "--sender",
+        "bad sender",
+        ok=False,
+    )
+    assert "not a valid mail address" in bad_sender.output
     missing = run("quarantine", "show", "999999", ok=False)
     assert missing.exit_code == 1 and "no quarantined message 999999" in missing.output
 
@@ -219,3 +243,39 @@ def test_several_filter_workers_share_the_port(config, smtp_sink):
         assert len(smtp_sink.wait_for(10)) == 10
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_second_filter_on_the_same_address_refuses_to_start(config):
+    first = FilterProcess(config).start()
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "cleanmail", "filter"],
+            env=FilterProcess(config).environment(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert second.returncode == 2
+        assert second.stderr.strip().startswith("cleanmail: error: CLEANMAIL_FILTER_LISTEN:")
+        assert second.stderr.count("\n") == 1
+    finally:
+        assert first.stop() == 0
+
+
+def test_usage_errors_are_one_line(config):
+    env = FilterProcess(config).environment()
+    for args in (
+        ["quarantine", "show", "abc"],
+        ["quarantine", "list", "--status", "bogus"],
+        ["login-link"],
+        ["no-such-command"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "cleanmail", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 2, args
+        assert result.stderr.startswith("cleanmail: error: ") and result.stderr.count("\n") == 1

@@ -104,3 +104,26 @@ def test_normalize_never_fails_unexpectedly(text: str) -> None:
     except lists.ListError:
         return
     assert canonical == lists.normalize(canonical)
+
+
+def test_many_stars_match_in_linear_time() -> None:
+    """A hostile pattern must not let a long sender address freeze the filter."""
+    import time
+
+    pattern = lists.normalize("a*a*a*a*a*a*a*a*a*a*a*a*a*a*@example.com")
+    started = time.perf_counter()
+    for n in (40, 300):
+        assert lists.matches(pattern, "a" * n + "@example.com")
+        assert not lists.matches(pattern, "a" * n + "@example.org")
+    assert time.perf_counter() - started < 0.05
+
+
+@given(
+    st.text(alphabet="ab*", max_size=12).filter(lambda p: p.strip("*")),
+    st.text(alphabet="ab", max_size=20),
+)
+def test_glob_agrees_with_fnmatch(local_pattern: str, local: str) -> None:
+    import fnmatch
+
+    expected = fnmatch.fnmatchcase(local, local_pattern)
+    assert lists.matches(f"{local_pattern}@x.test", f"{local}@x.test") is expected

@@ -184,9 +184,21 @@ def test_link_requests_are_rate_limited(client, owner, monkeypatch):
         assert post(client, "/link", address="nobody@example.no").status_code == 200
     limited = post(client, "/link", address="nobody@example.no")
     assert limited.status_code == 429 and "Try again" in limited.get_data(as_text=True)
+    # A refused request counts towards nothing, so the client has used 3 of its 5.
     monkeypatch.setattr(auth, "LINKS_PER_CLIENT", auth.Limit(5, timedelta(hours=1)))
     assert post(client, "/link", address="a@example.no").status_code == 200
-    assert post(client, "/link", address="b@example.no").status_code == 429
+    assert post(client, "/link", address="b@example.no").status_code == 200
+    assert post(client, "/link", address="c@example.no").status_code == 429
+
+
+def test_one_client_cannot_use_up_everyones_links(client, owner, monkeypatch):
+    monkeypatch.setattr(auth, "LINKS_PER_CLIENT", auth.Limit(2, timedelta(hours=1)))
+    monkeypatch.setattr(auth, "LINKS_OVERALL", auth.Limit(5, timedelta(hours=1)))
+    for n in range(10):  # one greedy client: 2 taken, 8 refused without counting overall
+        post(client, "/link", address=f"x{n}@example.no")
+    other = client.application.test_client()
+    other.environ_base.update(REMOTE_ADDR="192.0.2.99", HTTP_ACCEPT_LANGUAGE="en")
+    assert post(other, "/link", address=owner.address).status_code == 200
 
 
 def test_password_login(app, client, owner, database):

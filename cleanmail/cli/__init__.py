@@ -87,4 +87,12 @@ def main() -> None:
     """Entry point of the console script."""
     from cleanmail.cli import daemons, data, demo, links  # noqa: F401 - registers the commands
 
-    cli(prog_name="cleanmail")
+    try:
+        cli.main(prog_name="cleanmail", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("cleanmail: aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        # Click's own usage errors, made one line like ours.
+        click.echo(f"cleanmail: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)

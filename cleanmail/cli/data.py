@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,24 +36,48 @@ def domain_add(state: State, name: str, threshold: float | None) -> None:
         click.echo(f"serving {domain.name}")
 
 
+def _threshold(value: str | None, off_word: str) -> float | str | None:
+    """A threshold option: a positive number, or ``off_word`` for "none of its own"."""
+    if value is None:
+        return "unchanged"
+    if value.strip().lower() == off_word:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise mailboxes.MailboxError(f"{value!r} is not a number or {off_word!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise mailboxes.MailboxError(f"a threshold must be a positive number, not {value!r}")
+    return number
+
+
 @domain_group.command("set")
 @click.argument("name")
-@click.option("--threshold", type=float, help="Quarantine at this score (default: global).")
-@click.option("--reject-threshold", type=float, help="Refuse at this score (default: never).")
+@click.option("--threshold", help="Quarantine at this score, or 'default' for the global one.")
+@click.option("--reject-threshold", help="Refuse mail at this score, or 'never'.")
 @pass_state
 def domain_set(
-    state: State, name: str, threshold: float | None, reject_threshold: float | None
+    state: State, name: str, threshold: str | None, reject_threshold: str | None
 ) -> None:
-    """Set a domain's thresholds; an option left out goes back to its default."""
+    """Change a domain's thresholds; an option left out keeps its value."""
+    quarantine_value = _threshold(threshold, "default")
+    reject_value = _threshold(reject_threshold, "never")
     with state.database().session_scope(write=True) as session:
+        domain = mailboxes.get_domain(session, name)
+        if quarantine_value == "unchanged":
+            quarantine_value = domain.quarantine_threshold
+        if reject_value == "unchanged":
+            reject_value = domain.reject_threshold
         domain = mailboxes.set_thresholds(
             session,
             audit.cli_actor(),
             name,
-            quarantine_threshold=threshold,
-            reject_threshold=reject_threshold,
+            quarantine_threshold=quarantine_value,
+            reject_threshold=reject_value,
         )
-        click.echo(f"{domain.name}: threshold={threshold}, reject threshold={reject_threshold}")
+        shown = state.config.quarantine_threshold if quarantine_value is None else quarantine_value
+        reject = "never" if reject_value is None else reject_value
+        click.echo(f"{domain.name}\tthreshold={shown}\treject={reject}")
 
 
 @domain_group.command("list")
@@ -332,7 +357,9 @@ def quarantine_add(state: State, file: Path, rcpt: str, sender: str) -> None:
         raise quarantine.QuarantineError(f"{file} is larger than {MAX_FILE // 2**20} MiB")
     raw = strip_mbox_line(file.read_bytes())
     parsed = mime.parse(raw)
-    sender = sender or parsed.from_address
+    if not parsed.headers.keys():
+        raise quarantine.QuarantineError(f"{file} is not a mail message: it has no headers")
+    sender = mailboxes.normalize_address(sender) if sender else parsed.from_address
     address = mailboxes.normalize_address(rcpt)
     envelope = Envelope(sender=sender, recipients=(address,))
     analysis = pipeline.analyze(parsed, envelope, [rules.RulesEngine()])

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 
 import uvloop
@@ -40,32 +41,36 @@ def run(config: Config, *, ready: Callable[[], None] | None = None) -> int:
     """Serve SMTP until told to stop; refuses to start on an unmigrated database."""
     db.check_ready(config.database_url)
     config.store_dir.mkdir(parents=True, exist_ok=True)
+    listener = server.bind(config)
     if config.filter_workers == 1:
-        serve_one(config, ready=ready)
+        serve_one(config, listener, ready=ready)
         return 0
-    return _run_workers(config)
+    return _run_workers(config, listener)
 
 
-def serve_one(config: Config, *, ready: Callable[[], None] | None = None) -> None:
+def serve_one(
+    config: Config, listener: socket.socket, *, ready: Callable[[], None] | None = None
+) -> None:
     """One filter process: its own database pool, event loop and worker threads."""
     database = db.Database(config.database_url, pool_size=20)
+    pipeline = build_pipeline(config, database)
     try:
         # uvloop's event loop spends about half as much CPU per SMTP command as asyncio's.
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(server.serve(config, build_pipeline(config, database), ready=ready))
+            runner.run(server.serve(config, pipeline, ready=ready, listener=listener))
     finally:
         database.dispose()
 
 
-def _run_workers(config: Config) -> int:
-    """Fork workers that share the listening port (SO_REUSEPORT); pass signals on to them."""
+def _run_workers(config: Config, listener: socket.socket) -> int:
+    """Fork workers that accept on the parent's socket; pass signals on to them."""
     children: list[int] = []
     for _ in range(config.filter_workers):
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                serve_one(config)
+                serve_one(config, listener)
             except BaseException:
                 log.exception("filter worker failed")
                 code = 1

@@ -20,7 +20,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from sqlalchemy.exc import SQLAlchemyError
 
-from cleanmail.config import Config
+from cleanmail.config import Config, ConfigError
 from cleanmail.filter.engines import Envelope as CheckEnvelope
 from cleanmail.filter.pipeline import Pipeline
 from cleanmail.relay import RelayError
@@ -302,12 +302,31 @@ class Handler:
         return REPLY_OK.format(id=f"{len(raw)} bytes, {verdicts}")
 
 
+def bind(config: Config) -> socket.socket:
+    """The filter's listening socket, bound once by the parent and shared by its workers.
+
+    Without SO_REUSEPORT, a second filter on the same address fails here instead of
+    silently taking half of the mail.
+    """
+    listen = config.filter_listen
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    try:
+        listener = socket.create_server((listen.host, listen.port), family=family, backlog=512)
+    except OSError as exc:
+        raise ConfigError(
+            f"CLEANMAIL_FILTER_LISTEN: cannot listen on {listen}: {exc.strerror or exc}"
+        ) from None
+    listener.setblocking(False)
+    return listener
+
+
 async def serve(
     config: Config,
     pipeline: Pipeline,
     *,
     ready: Any = None,
     stop: asyncio.Event | None = None,
+    listener: socket.socket | None = None,
 ) -> None:
     """Run the filter until ``stop`` is set (by default on SIGTERM or SIGINT), then drain."""
     loop = asyncio.get_running_loop()
@@ -330,13 +349,9 @@ async def serve(
         return protocol
 
     listen = config.filter_listen
-    server = await loop.create_server(
-        factory,
-        host=listen.host,
-        port=listen.port,
-        reuse_port=True,
-        family=socket.AF_INET6 if ":" in listen.host else socket.AF_INET,
-    )
+    if listener is None:
+        listener = bind(config)
+    server = await loop.create_server(factory, sock=listener)
     if stop is None:
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -42,8 +42,9 @@ def create_app(config: config_module.Config | None = None) -> Flask:
         MAX_CONTENT_LENGTH=1024 * 1024,
     )
     if config.trusted_proxies:
+        hops = config.trusted_proxies
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
-            app.wsgi_app, x_for=config.trusted_proxies, x_proto=config.trusted_proxies
+            app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops
         )
     database = db.Database(config.database_url)
     db.check_migrated(database)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import threading
 import time
@@ -19,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response
 
-from cleanmail import audit, mailboxes, mailer, passwords, ratelimit, tokens, totp, web
+from cleanmail import audit, mailboxes, mailer, mime, passwords, ratelimit, tokens, totp, web
 from cleanmail.config import Config
 from cleanmail.models import Mailbox
 from cleanmail.relay import Relay
@@ -64,7 +65,14 @@ def _template_values() -> dict[str, Any]:
 
 
 def _client() -> str:
-    return request.remote_addr or "unknown"
+    """The client to count attempts under; an IPv6 client is its /64, which it can't leave."""
+    address = request.remote_addr or "unknown"
+    if ":" in address:
+        try:
+            return str(ipaddress.ip_network(f"{address}/64", strict=False))
+        except ValueError:
+            return address
+    return address
 
 
 def _address(text: str) -> str | None:
@@ -148,7 +156,9 @@ def request_link() -> tuple[str, int]:
         (f"link:client:{_client()}", LINKS_PER_CLIENT),
         ("link:all", LINKS_OVERALL),
     ]
-    if not _count(db, checks):
+    # The overall cap counts only requests within their own limits, so that one client
+    # cannot use up everyone's links.
+    if _over(db, checks[:2]) or not _count(db, checks):
         db.commit()
         return render_error(429, _("Too many login links were asked for. Try again in an hour."))
     mailbox_id = mailbox.id if mailbox else None
@@ -204,15 +214,18 @@ def login() -> Response | tuple[str, int] | str:
         return render_template("auth/login.html", next=next_path)
     text = request.form.get("address", "")
     password = request.form.get("password", "")
-    address = _address(text) or text.strip().lower()[:320]
+    # An unknown or malformed address is still counted; as a key it must be storable text.
+    address = _address(text) or mime.clean_text(text.strip().lower(), 320)
     checks = [
         (f"login-failed:address:{address}", FAILURES_PER_ADDRESS),
         (f"login-failed:client:{_client()}", FAILURES_PER_CLIENT),
     ]
     page = {"next": next_path, "address": text.strip()[:320]}
     db = web.session()
-    if _over(db, checks):
-        db.rollback()
+    # Counted before the password is checked, so parallel guesses cannot outrun the limit;
+    # a login that succeeds takes its count back.
+    if _over(db, checks) or not _count(db, checks):
+        db.commit()
         error = _("Too many failed attempts. Wait 15 minutes, or ask for a login link below.")
         return render_template("auth/login.html", error=error, **page), 429
     mailbox = db.scalar(select(Mailbox).where(Mailbox.address == address))
@@ -226,6 +239,7 @@ def login() -> Response | tuple[str, int] | str:
     if mailbox.password_hash and passwords.needs_rehash(mailbox.password_hash):
         mailbox.password_hash = passwords.hash_password(password)
     ratelimit.reset(db, checks[0][0])
+    ratelimit.refund(db, checks[1][0])
     if not mailbox.totp_secret:
         return _finish_login(db, mailbox, "password", next_path)
     db.commit()
@@ -242,8 +256,7 @@ def login() -> Response | tuple[str, int] | str:
 def _fail(
     db: Session, checks: list[Check], mailbox: Mailbox | None, address: str, step: str
 ) -> None:
-    """Count, record and slow down a failed attempt."""
-    _count(db, checks)
+    """Record and slow down a failed attempt (already counted)."""
     mailbox_id = mailbox.id if mailbox else None
     audit.record(db, web.actor(), "login.failed", mailbox_id=mailbox_id, address=address, step=step)
     db.commit()  # before sleeping: the slowdown must not hold a database lock
@@ -288,8 +301,8 @@ def login_totp() -> Response | tuple[str, int] | str:
         (f"login-failed:code:{mailbox.id}", CODE_FAILURES_PER_MAILBOX),
         (f"login-failed:client:{_client()}", FAILURES_PER_CLIENT),
     ]
-    if _over(db, checks):
-        db.rollback()
+    if _over(db, checks) or not _count(db, checks):
+        db.commit()
         error = _("Too many wrong codes. Wait 15 minutes and try again.")
         return render_template("auth/totp.html", error=error), 429
     recovery = request.form.get("recovery", "")
@@ -302,6 +315,7 @@ def login_totp() -> Response | tuple[str, int] | str:
         error = _("That code is not right, or was already used. Try the newest one.")
         return render_template("auth/totp.html", error=error), 200
     ratelimit.reset(db, checks[0][0])
+    ratelimit.refund(db, checks[1][0])
     notice = ""
     if recovery:
         left = totp.recovery_codes_left(db, mailbox)

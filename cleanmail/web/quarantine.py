@@ -28,6 +28,7 @@ from cleanmail.models import Mailbox, Message, Status
 from cleanmail.web import preview
 from cleanmail.web import quarantine_actions as actions
 
+MAX_ID = 2**63 - 1  # the largest id either database stores; larger ones are not ours
 bp = Blueprint("quarantine", __name__)
 
 PAGE_SIZE = 50
@@ -66,7 +67,7 @@ class ListForm:
         """Read the fields, dropping values that cannot be meant."""
         reason = args.get("reason", "")
         return cls(
-            q=" ".join(args.get("q", "").split())[:MAX_QUERY],
+            q=" ".join(mime.clean_text(args.get("q", ""), MAX_QUERY).split()).replace("\ufffd", ""),
             reason=reason if reason in reasons.LABELS else "",
             since=args.get("since", "")[:10],
             until=args.get("until", "")[:10],
@@ -101,9 +102,11 @@ class ListForm:
 
 def _day(value: str) -> date | None:
     try:
-        return date.fromisoformat(value) if value else None
+        day = date.fromisoformat(value) if value else None
     except ValueError:
         return None
+    # A day at either end of the calendar cannot be turned into a time range in a zone.
+    return day if day is None or date(1900, 1, 1) <= day <= date(9000, 1, 1) else None
 
 
 def format_cursor(cursor: quarantine.Cursor) -> str:
@@ -116,6 +119,8 @@ def parse_cursor(value: str | None) -> quarantine.Cursor | None:
     """The cursor in a query-string value, or None for anything malformed."""
     micros, _dash, ident = (value or "").partition("-")
     if not (micros.isdigit() and ident.isdigit() and len(micros) < 20 and len(ident) < 20):
+        return None
+    if int(ident) > MAX_ID:
         return None
     try:
         return quarantine.Cursor(EPOCH + timedelta(microseconds=int(micros)), int(ident))
@@ -185,7 +190,7 @@ def _parsed(message: Message) -> mime.ParsedMessage | None:
         return None
 
 
-@bp.get("/messages/<int:message_id>")
+@bp.get("/messages/<int(max=9223372036854775807):message_id>")
 @login_required
 def message(message_id: int) -> str:
     """One message: its headers, why it was held, a safe preview and its attachments."""
@@ -225,7 +230,7 @@ def message(message_id: int) -> str:
     )
 
 
-@bp.get("/messages/<int:message_id>/preview")
+@bp.get("/messages/<int(max=9223372036854775807):message_id>/preview")
 @login_required
 def preview_document(message_id: int) -> Response:
     """The cleaned HTML of a message as its own document, for the sandboxed iframe."""
@@ -239,6 +244,7 @@ def preview_document(message_id: int) -> Response:
     response.headers["Content-Type"] = "text/html; charset=utf-8"
     response.headers["Content-Security-Policy"] = preview.CSP_IMAGES if images else preview.CSP
     response.headers["X-Frame-Options"] = "SAMEORIGIN"
+    response.headers["Referrer-Policy"] = "no-referrer"  # links in spam learn nothing of us
     return response
 
 
@@ -247,7 +253,7 @@ def _next(default: str) -> str:
     return web.safe_next(request.form.get("next")) or default
 
 
-@bp.post("/messages/<int:message_id>/release")
+@bp.post("/messages/<int(max=9223372036854775807):message_id>/release")
 @login_required
 def release(message_id: int) -> Response:
     """Release one message; with ``allow`` also whitelist its sender or the sender's domain."""
@@ -262,7 +268,7 @@ def release(message_id: int) -> Response:
     return redirect(url_for(".message", message_id=held.id))
 
 
-@bp.post("/messages/<int:message_id>/delete")
+@bp.post("/messages/<int(max=9223372036854775807):message_id>/delete")
 @login_required
 def delete(message_id: int) -> Response:
     """Delete one message for good."""
@@ -273,7 +279,7 @@ def delete(message_id: int) -> Response:
     return redirect(_next(url_for(".index")))
 
 
-@bp.post("/messages/<int:message_id>/block")
+@bp.post("/messages/<int(max=9223372036854775807):message_id>/block")
 @login_required
 def block(message_id: int) -> Response:
     """Put the sender on the owner's blacklist; the message stays where it is."""
@@ -294,7 +300,7 @@ def bulk() -> Response:
     values = request.form.getlist("ids")
     if action not in actions.ACTIONS or len(values) > actions.MAX_SELECTED:
         abort(400)
-    if not all(value.isdigit() and len(value) < 20 for value in values):
+    if not all(v.isdigit() and len(v) < 20 and int(v) <= MAX_ID for v in values):
         abort(400)
     ids = sorted({int(value) for value in values})
     if not ids:
