@@ -12,13 +12,11 @@ PYTEST_ARGS ?=
 .PHONY: run test lint bench clean apt-run apt-test
 
 run: apt-run $(VENV)/.installed
-	$(BIN)/cleanmail db upgrade
+	@$(BIN)/cleanmail db upgrade
 	@echo
-	@echo "Cleanmail is starting: filter on $${CLEANMAIL_FILTER_LISTEN:-127.0.0.1:10024}," \
-	      "web on http://$${CLEANMAIL_WEB_LISTEN:-127.0.0.1:8080}/ (Ctrl-C stops it)"
 	@$(BIN)/cleanmail demo
 	@echo
-	exec $(BIN)/cleanmail serve
+	@exec $(BIN)/cleanmail serve
 
 test: apt-test $(VENV)/.installed
 	$(BIN)/ruff check cleanmail tests bench migrations wsgi.py

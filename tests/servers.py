@@ -483,7 +483,7 @@ scan      unix  -       -       n       -       10      smtp
 127.0.0.1:{reinject_port} inet  n  -  n  -  10  smtpd
   -o syslog_name=postfix/reinject
   -o content_filter=
-  -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks,no_milters
+  -o receive_override_options=no_unknown_recipient_checks,no_header_body_checks,no_milters,no_address_mappings
   -o smtpd_helo_restrictions=
   -o smtpd_client_restrictions=
   -o smtpd_sender_restrictions=

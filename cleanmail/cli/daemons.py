@@ -73,7 +73,11 @@ def serve_command(state: State) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    click.echo(f"cleanmail: filter on {config.filter_listen}, web on {config.base_url}", err=True)
+    click.echo(
+        f"Cleanmail is running: filter on {config.filter_listen}, web on {config.base_url}/"
+        " (Ctrl-C stops it)",
+        err=True,
+    )
     exit_code = 0
     while not stopping:
         for name, child in children.items():

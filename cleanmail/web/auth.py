@@ -23,7 +23,7 @@ from werkzeug.wrappers import Response
 from cleanmail import audit, mailboxes, mailer, mime, passwords, ratelimit, tokens, totp, web
 from cleanmail.config import Config
 from cleanmail.models import Mailbox
-from cleanmail.relay import Relay
+from cleanmail.relay import Relay, RelayError
 from cleanmail.tokens import LOGIN_LINK_DAYS, TokenExpired, TokenInvalid
 from cleanmail.web import users
 from cleanmail.web.errors import render_error
@@ -198,6 +198,8 @@ def send_login_link(config: Config, relay: Relay, address: str, language: str, u
         raw = mailer.build(rendered, sender=config.mail_from, to=address, domain=config.hostname)
         mailer.send(relay, raw, address)
         log.info("login link mailed to %s", address)
+    except RelayError as exc:  # expected when the mail server is down: one line is enough
+        log.error("mailing a login link to %s failed: %s", address, exc)
     except Exception:
         log.exception("mailing a login link to %s failed", address)
     finally:
