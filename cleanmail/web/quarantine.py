@@ -225,6 +225,7 @@ def message(message_id: int) -> str:
         images=request.args.get("images") == "1",
         remote_images=show_html and preview.has_remote_images(html),
         sandbox=preview.SANDBOX,
+        dangerous=any(r.get("code") == "BLOCKED_ATTACHMENT" for r in held.reasons or []),
         allow_sender=actions.sender_pattern(held, domain=False),
         allow_domain=actions.sender_pattern(held, domain=True),
     )

@@ -135,12 +135,11 @@ def _flash_releases(released: int, already: int, gone: int, errors: list[str]) -
     if errors:
         flash(
             ngettext(
-                "The mail server did not accept %(num)d message (%(error)s). "
+                "The mail server did not accept %(num)d message. "
                 "It stays in the quarantine; try again later.",
-                "The mail server did not accept %(num)d messages (%(error)s). "
+                "The mail server did not accept %(num)d messages. "
                 "They stay in the quarantine; try again later.",
                 len(errors),
-                error=errors[0],
             ),
             "error",
         )
