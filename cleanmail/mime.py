@@ -21,6 +21,7 @@ MAX_DEPTH = mimewalk.MAX_DEPTH
 MAX_PARTS = mimewalk.MAX_PARTS
 MAX_TEXT = 200_000
 HEADER_LIMIT = 2000
+MAX_ENCODED_HEADER = 16 * 1024
 # Decoded payloads up to this size are kept for the next reader; bigger ones (the
 # attachments that make up most of a big message) are decoded again when asked for.
 PAYLOAD_CACHE = 1024 * 1024
@@ -52,6 +53,9 @@ def decode_header(value: object) -> str:
     if value is None:
         return ""
     text = str(value) if not isinstance(value, email.header.Header) else value
+    if isinstance(text, str) and len(text) > MAX_ENCODED_HEADER:
+        # email.header.decode_header is quadratic in the number of encoded words.
+        text = text[:MAX_ENCODED_HEADER]
     try:
         chunks = email.header.decode_header(text)
     except Exception:

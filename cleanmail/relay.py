@@ -73,6 +73,13 @@ class Relay:
             except (OSError, smtplib.SMTPException) as exc:
                 self._close()
                 raise RelayError(451, f"4.4.1 relay {self.endpoint} unavailable: {exc}") from exc
+            except UnicodeError as exc:
+                # An address that is not ASCII, in a transaction without SMTPUTF8.
+                self._close()
+                raise RelayError(553, "5.6.7 address not allowed without SMTPUTF8") from exc
+            except BaseException:
+                self._close()  # a connection in an unknown state must not serve the next one
+                raise
 
     def _transaction(
         self,

@@ -12,6 +12,7 @@ import io
 import logging
 import lzma
 import re
+import struct
 import tarfile
 import threading
 import zipfile
@@ -41,6 +42,8 @@ SAMPLE = 64 * 1024
 MAX_DEPTH = 3  # archives nested deeper than this are checked by name and content only
 MAX_MEMBERS = 1000  # archive members looked at per message, nested ones included
 MAX_BYTES = 50 * 1024 * 1024  # decompressed bytes read per message
+MAX_EXTENDED_HEADER = 8 * 1024  # bytes of a tar pax or long-name header
+MAX_ZIP_ENTRIES = 10_000  # zipfile reads the whole central directory before we can stop
 
 _BLOCKED_CONTENT = ("self-extract", "executable", "elf", "registry", "application/x-iso9660-image")
 # Invisible characters that change how a name is shown but not what it is.
@@ -181,9 +184,20 @@ class _TarInfo(tarfile.TarInfo):
                  tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)  # fmt: skip
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        if self.type in self._EXTENDED and self.size > 1024 * 1024:
+        # Genuine extended headers hold a path or a few times; Python before 3.11.10 also
+        # parses them with a regex that is quadratic in runs of digits (CVE-2024-6232).
+        if self.type in self._EXTENDED and self.size > MAX_EXTENDED_HEADER:
             raise tarfile.ReadError("extended header too big")
         return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
+def _zip_entries(data: bytes) -> int:
+    """The entry count a zip's end record claims, read before zipfile loads the directory."""
+    try:
+        end = zipfile._EndRecData(io.BytesIO(data))  # type: ignore[attr-defined]
+    except (OSError, struct.error, ValueError):
+        return 0
+    return int(end[zipfile._ECD_ENTRIES_TOTAL]) if end else 0  # type: ignore[attr-defined]
 
 
 class _Readable(Protocol):
@@ -249,6 +263,13 @@ class _Scan:
             pass
 
     def zip(self, data: bytes, label: str, depth: int) -> None:
+        entries = _zip_entries(data)
+        if entries > MAX_ZIP_ENTRIES:
+            # Too many to look through; an archive like that is a way to hide a program.
+            self.findings.append(
+                Finding(label, f"archive too large to inspect ({entries} entries)")
+            )
+            return
         archive = zipfile.ZipFile(io.BytesIO(data))
         for info in archive.infolist():
             if self.members <= 0:

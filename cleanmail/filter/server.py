@@ -7,6 +7,7 @@ so that Postfix keeps the message and tries again.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import signal
@@ -20,6 +21,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from sqlalchemy.exc import SQLAlchemyError
 
+from cleanmail import mime
 from cleanmail.config import Config, ConfigError
 from cleanmail.filter.engines import Envelope as CheckEnvelope
 from cleanmail.filter.pipeline import Pipeline
@@ -42,6 +44,17 @@ XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PROTO", "HELO")
 LINE_LIMIT = 64 * 1024
 # Anything but a plain address inside <...> goes to aiosmtpd's full parser.
 _UNUSUAL = re.compile(r'[\s"\\(),:;<\[\]]')
+
+
+def _forwarded(name: str, value: str) -> str:
+    """An XFORWARD value made safe to store; ADDR only when it is an IP address."""
+    value = mime.clean_text(value.removeprefix("IPV6:"), 255)
+    if name == "ADDR":
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            return ""
+    return value
 
 
 class _Job:
@@ -85,7 +98,8 @@ class FilterSMTP(SMTP):
         text = arg.strip()
         end = text.find(">")
         if text.startswith("<") and end > 0 and not _UNUSUAL.search(text, 1, end):
-            return text[1:end], text[end + 1 :].strip()
+            # aiosmtpd spells the null sender "<>" (an empty address is a syntax error).
+            return text[1:end] or "<>", text[end + 1 :].strip()
         return super()._getaddr(arg)
 
     @syntax("DATA")
@@ -117,9 +131,13 @@ class FilterSMTP(SMTP):
 
     async def _read_data(self) -> bytes | None:
         """The unstuffed message, or None when it exceeded the size limit."""
+        # The limit is for the message itself: stuffing dots are not counted while reading
+        # (a little slack covers the final "." line), and the unstuffed size is checked last.
         limit = self.data_size_limit or 0
+        reading_limit = limit + 1024 if limit else 0
         buffer = bytearray()
         size = 0
+        at_line_start = True
         while True:
             try:
                 piece = await self._reader.readuntil(b".\r\n")
@@ -127,8 +145,9 @@ class FilterSMTP(SMTP):
                 piece = await self._reader.read(exc.consumed)
             except asyncio.IncompleteReadError as exc:
                 raise ConnectionResetError("connection closed during DATA") from exc
-            size += len(piece)
-            if limit and size > limit:
+            size += len(piece) - piece.count(b"\n..") - (at_line_start and piece[:2] == b"..")
+            at_line_start = piece.endswith(b"\n")
+            if reading_limit and size > reading_limit:
                 # Keep only what is needed to see the end of the data.
                 buffer = bytearray(buffer[-2:])
             buffer += piece
@@ -137,13 +156,15 @@ class FilterSMTP(SMTP):
                 (end == 0 and size == 3) or buffer[end - 2 : end] == b"\r\n"
             ):
                 break
-        if limit and size > limit:
+        if reading_limit and size > reading_limit:
             return None
         del buffer[-3:]
         if b"\n.." in buffer or buffer.startswith(b".."):
             buffer = buffer.replace(b"\r\n..", b"\r\n.")
             if buffer.startswith(b".."):
                 del buffer[0]
+        if limit and len(buffer) > limit:
+            return None
         return bytes(buffer)
 
     @syntax("XFORWARD attribute=value ...")
@@ -156,7 +177,7 @@ class FilterSMTP(SMTP):
                 "[UNAVAILABLE]",
                 "[TEMPUNAVAIL]",
             ):
-                attributes[name.upper()] = value.removeprefix("IPV6:")[:255]
+                attributes[name.upper()] = _forwarded(name.upper(), value)
         self.session.xforward = attributes  # type: ignore[union-attr]
         await self.push("250 2.0.0 Ok")
 
@@ -202,7 +223,7 @@ class Handler:
                 and int(value) > self.config.max_message_size
             ):
                 return REPLY_TOO_BIG
-        envelope.mail_from = address
+        envelope.mail_from = address  # "<>" for the null sender, as aiosmtpd expects
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
 
@@ -248,9 +269,9 @@ class Handler:
         raw: bytes = envelope.original_content or b""
         forwarded = getattr(session, "xforward", {})
         check_envelope = CheckEnvelope(
-            sender=envelope.mail_from or "",
+            sender="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
             recipients=tuple(envelope.rcpt_tos),
-            client_address=forwarded.get("ADDR"),
+            client_address=forwarded.get("ADDR") or None,
             client_helo=forwarded.get("HELO"),
             mail_options=tuple(o.upper() for o in envelope.mail_options),
         )
@@ -369,6 +390,8 @@ async def serve(
         log.error("gave up waiting for %d messages in flight", handler.in_flight)
     for protocol in list(protocols):
         if protocol.transport is not None:
+            # Whoever is still connected hears why, and Postfix tries again later.
+            protocol.transport.write(f"{REPLY_SHUTTING_DOWN}\r\n".encode())
             protocol.transport.close()
     await server.wait_closed()
     executor.shutdown(wait=False, cancel_futures=True)
