@@ -116,6 +116,7 @@ class Domain(Base):
     name: Mapped[str] = mapped_column(String(253), unique=True)
     quarantine_threshold: Mapped[float | None] = mapped_column(Float)
     reject_threshold: Mapped[float | None] = mapped_column(Float)
+    allow_hourly_reports: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     mailboxes: Mapped[list[Mailbox]] = relationship(back_populates="domain")
@@ -142,6 +143,7 @@ class Mailbox(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_report_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    report_hour: Mapped[int] = mapped_column(Integer, default=7)  # local hour reports go out
 
     domain: Mapped[Domain | None] = relationship(back_populates="mailboxes")
 
@@ -194,6 +196,10 @@ class Message(Base):
     release_attempts: Mapped[int] = mapped_column(Integer, default=0)
     client_address: Mapped[str | None] = mapped_column(String(64))
     client_helo: Mapped[str | None] = mapped_column(String(255))
+    # The quarantine report that told the owner about this message (None: not yet told).
+    report_id: Mapped[int | None] = mapped_column(
+        ForeignKey("reports.id", ondelete="SET NULL"), index=True
+    )
 
     mailbox: Mapped[Mailbox] = relationship()
 
@@ -281,3 +287,47 @@ class RecoveryCode(Base):
     )
     code_hash: Mapped[str] = mapped_column(String(64))
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ReportStatus(enum.StrEnum):
+    """Where a quarantine report is on its way to the owner."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class ReportRun(Base):
+    """One pass of the report job over the mailboxes that are due."""
+
+    __tablename__ = "report_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    trigger: Mapped[str] = mapped_column(String(16), default="schedule")
+    node: Mapped[str] = mapped_column(String(255), default="")
+    sent: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Report(Base):
+    """One quarantine report for one mailbox: which messages it covers and whether it went."""
+
+    __tablename__ = "reports"
+    __table_args__ = (
+        Index("ix_reports_status_next_attempt", "status", "next_attempt_at"),
+        Index("ix_reports_mailbox_created", "mailbox_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    mailbox_id: Mapped[int] = mapped_column(ForeignKey("mailboxes.id", ondelete="CASCADE"))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("report_runs.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    status: Mapped[str] = mapped_column(String(16), default=ReportStatus.PENDING)
+    message_count: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    message_id_header: Mapped[str] = mapped_column(String(255), default="")

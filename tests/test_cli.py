@@ -206,11 +206,14 @@ def test_sigterm_finishes_mail_in_flight(config, database):
         replies: list[int] = []
 
         def send() -> None:
-            with smtplib.SMTP("127.0.0.1", cfg.filter_listen.port, timeout=30) as client:
+            client = smtplib.SMTP("127.0.0.1", cfg.filter_listen.port, timeout=30)
+            try:
                 client.ehlo("x")
                 client.mail("a@example.com")
                 client.rcpt("someone@elsewhere.test")
                 replies.append(client.data(message())[0])
+            finally:
+                client.close()  # no QUIT: the draining filter answers anything more with 421
 
         sender = threading.Thread(target=send)
         sender.start()
