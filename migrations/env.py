@@ -21,10 +21,16 @@ def run_migrations() -> None:
     engine.dispose()
 
 
+def _include(obj, name, type_, reflected, compare_to) -> bool:
+    """Leave out APScheduler's own job table, which it creates and manages itself."""
+    return not (type_ == "table" and name == "scheduler_jobs")
+
+
 def _migrate(connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
+        include_object=_include,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
     )

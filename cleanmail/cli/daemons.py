@@ -63,7 +63,7 @@ def serve_command(state: State) -> None:
     db.check_migrated(state.database())
     children = {
         name: subprocess.Popen([sys.executable, "-m", "cleanmail", name])
-        for name in ("filter", "web")
+        for name in ("filter", "web", "scheduler")
     }
     stopping = False
 

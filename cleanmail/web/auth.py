@@ -133,6 +133,27 @@ def link(token: str) -> Response | tuple[str, int]:
     return _finish_login(db, mailbox, "link", None)
 
 
+@bp.get("/r/<token>")
+def release_link(token: str) -> Response | tuple[str, int]:
+    """A report's per-message link: log in, then ask before releasing (a GET never acts).
+
+    Mail clients and link scanners open every link in a message, so this only shows
+    the message with a confirmation; the release itself is the page's POST.
+    """
+    db = web.session(write=True)
+    try:
+        payload = web.tokens().load("release", token)
+    except (TokenExpired, TokenInvalid):
+        return _invalid_link()
+    mailbox = _link_mailbox(db, payload)
+    message_id = payload.get("id") if isinstance(payload, dict) else None
+    if mailbox is None or not isinstance(message_id, int):
+        return _invalid_link()
+    confirm = "sender" if request.args.get("allow") else "release"
+    target = url_for("quarantine.message", message_id=message_id, confirm=confirm)
+    return _finish_login(db, mailbox, "link", target)
+
+
 @bp.post("/link")
 def request_link() -> tuple[str, int]:
     """Mail a fresh login link; the same answer whether or not the address has a mailbox."""
