@@ -29,6 +29,7 @@ from cleanmail.web import preview
 from cleanmail.web import quarantine_actions as actions
 
 MAX_ID = 2**63 - 1  # the largest id either database stores; larger ones are not ours
+MESSAGE = f"/messages/<int(max={MAX_ID}):message_id>"
 bp = Blueprint("quarantine", __name__)
 
 PAGE_SIZE = 50
@@ -190,7 +191,7 @@ def _parsed(message: Message) -> mime.ParsedMessage | None:
         return None
 
 
-@bp.get("/messages/<int(max=9223372036854775807):message_id>")
+@bp.get(MESSAGE)
 @login_required
 def message(message_id: int) -> str:
     """One message: its headers, why it was held, a safe preview and its attachments."""
@@ -231,7 +232,7 @@ def message(message_id: int) -> str:
     )
 
 
-@bp.get("/messages/<int(max=9223372036854775807):message_id>/preview")
+@bp.get(f"{MESSAGE}/preview")
 @login_required
 def preview_document(message_id: int) -> Response:
     """The cleaned HTML of a message as its own document, for the sandboxed iframe."""
@@ -254,7 +255,7 @@ def _next(default: str) -> str:
     return web.safe_next(request.form.get("next")) or default
 
 
-@bp.post("/messages/<int(max=9223372036854775807):message_id>/release")
+@bp.post(f"{MESSAGE}/release")
 @login_required
 def release(message_id: int) -> Response:
     """Release one message; with ``allow`` also whitelist its sender or the sender's domain."""
@@ -269,7 +270,7 @@ def release(message_id: int) -> Response:
     return redirect(url_for(".message", message_id=held.id))
 
 
-@bp.post("/messages/<int(max=9223372036854775807):message_id>/delete")
+@bp.post(f"{MESSAGE}/delete")
 @login_required
 def delete(message_id: int) -> Response:
     """Delete one message for good."""
@@ -280,7 +281,7 @@ def delete(message_id: int) -> Response:
     return redirect(_next(url_for(".index")))
 
 
-@bp.post("/messages/<int(max=9223372036854775807):message_id>/block")
+@bp.post(f"{MESSAGE}/block")
 @login_required
 def block(message_id: int) -> Response:
     """Put the sender on the owner's blacklist; the message stays where it is."""
