@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -21,6 +22,17 @@ _DOMAIN = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,6
 
 class MailboxError(ValueError):
     """A domain or mailbox request is not acceptable; the message says why."""
+
+
+DEFAULT_ZONE = "Europe/Oslo"
+
+
+def time_zone(name: str | None) -> ZoneInfo:
+    """A mailbox's time zone, Oslo when it is unset or unknown."""
+    try:
+        return ZoneInfo(name or DEFAULT_ZONE)
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo(DEFAULT_ZONE)
 
 
 def normalize_address(text: str) -> str:

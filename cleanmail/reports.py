@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from functools import lru_cache
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from babel.dates import format_datetime
 from flask import Flask
@@ -23,7 +22,7 @@ from flask_babel import Babel, force_locale
 from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from cleanmail import mailer, reasons, tokens
+from cleanmail import mailboxes, mailer, reasons, tokens
 from cleanmail.config import Config
 from cleanmail.db import Database
 from cleanmail.models import Domain, Mailbox, Message, Report, ReportRun, ReportStatus, Status
@@ -48,19 +47,12 @@ class RunResult:
     failed: int = 0
 
 
-def _zone(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        return ZoneInfo("Europe/Oslo")
-
-
 def is_due(mailbox: Mailbox, now: datetime) -> bool:
     """True when the mailbox's report time has come since its last report."""
     last = mailbox.last_report_at
     if mailbox.report_frequency == Frequency.HOURLY:
         return last is None or last <= now - timedelta(hours=1)
-    local = now.astimezone(_zone(mailbox.timezone))
+    local = now.astimezone(mailboxes.time_zone(mailbox.timezone))
     day = local.date()
     if mailbox.report_frequency == Frequency.WEEKLY:
         day -= timedelta(days=day.weekday())  # this week's Monday
@@ -177,7 +169,7 @@ def render_report(session: Session, report: Report, config: Config) -> bytes:
     mailbox = session.get(Mailbox, report.mailbox_id)
     assert mailbox is not None
     language = mailbox.language if mailbox.language in LANGUAGES else "nb"
-    zone = _zone(mailbox.timezone)
+    zone = mailboxes.time_zone(mailbox.timezone)
     signer = tokens.Tokens(config.secret_keys)
     messages = session.scalars(
         select(Message)

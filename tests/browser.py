@@ -20,10 +20,10 @@ from flask import Flask
 from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, Playwright
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from cleanmail import mime, quarantine
 from cleanmail.config import Endpoint
 from cleanmail.db import Database
 from cleanmail.store import Store
+from tests.conftest import hold_message
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -158,21 +158,9 @@ def hold(
     reasons: Sequence[dict[str, Any]] = (),
 ) -> int:
     """Put a raw message in a mailbox's quarantine, the way the filter does; its id."""
-    why = list(reasons) or [
-        {"code": "SUBJECT_CAPS", "text": "the subject is mostly capital letters", "score": 6.0}
-    ]
-    with database.session_scope(write=True) as session:
-        (message_id,) = quarantine.hold(
-            session,
-            store,
-            raw,
-            mime.parse(raw),
-            quarantine.Origin(sender),
-            [quarantine.Hold(mailbox_id, 7.0, why)],
-            retention_days=30,
-            now=at,
-        )
-    return message_id
+    return hold_message(
+        database, store, mailbox_id, raw, at=at, sender=sender, reasons=list(reasons), score=7.0
+    )
 
 
 def mail(

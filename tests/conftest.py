@@ -260,3 +260,34 @@ def login_as(client, mailbox) -> None:
         session["_user_id"] = f"{mailbox.id}.{mailbox.key_version}"
         session["_fresh"] = True
         session["login_method"] = "link"
+
+
+def hold_message(
+    database: db.Database,
+    store: Store,
+    mailbox_id: int,
+    raw: bytes,
+    *,
+    at=None,
+    sender: str = "spam@spam.example",
+    reasons: list | None = None,
+    score: float = 7.0,
+) -> int:
+    """Hold a raw message for a mailbox the way the filter does; its id."""
+    from cleanmail import mime, quarantine
+
+    why = reasons or [
+        {"code": "SUBJECT_CAPS", "text": "the subject is mostly capital letters", "score": score}
+    ]
+    with database.session_scope(write=True) as session:
+        (message_id,) = quarantine.hold(
+            session,
+            store,
+            raw,
+            mime.parse(raw),
+            quarantine.Origin(sender),
+            [quarantine.Hold(mailbox_id, score, why)],
+            retention_days=30,
+            now=at,
+        )
+    return message_id

@@ -197,6 +197,22 @@ class _Server:
         self.stop()
 
 
+class _ReapedServer(_Server):
+    """A daemon run under a reaper process in a private directory of its own."""
+
+    dir: Path | None = None
+    _reaped: _Reaped | None = None
+
+    def stop(self) -> None:
+        """Stop the daemon and everything it started, then remove its directory."""
+        if self._reaped is not None:
+            self._reaped.stop()  # SIGQUIT for postmaster (as -m immediate), SIGTERM for Postfix
+            self._reaped = None
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+
 def _private_dir(prefix: str, tmpdir: str | os.PathLike[str] | None, user: str | None) -> Path:
     """Make a fresh directory under `tmpdir` that `user` can reach, else under the system temp."""
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=tmpdir))
@@ -224,7 +240,7 @@ def _reachable(path: Path, user: pwd.struct_passwd) -> bool:
     return True
 
 
-class PostgresServer(_Server):
+class PostgresServer(_ReapedServer):
     """A throw-away PostgreSQL cluster on 127.0.0.1 with trust auth and fsync off."""
 
     def __init__(self, tmpdir: str | os.PathLike[str] | None = None) -> None:
@@ -330,15 +346,6 @@ class PostgresServer(_Server):
                 if lines[3] == str(port) and lines[7].strip() == "ready":
                     return True
         return False
-
-    def stop(self) -> None:
-        """Stop the postmaster immediately (SIGQUIT, as pg_ctl -m immediate) and clean up."""
-        if self._reaped is not None:
-            self._reaped.stop()
-            self._reaped = None
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
 
     def log(self) -> str:
         """Return the server log."""
@@ -465,7 +472,7 @@ class SmtpSink(_Server):
             self._controller = None
 
 
-class PostfixServer(_Server):
+class PostfixServer(_ReapedServer):
     """A private Postfix instance set up as the after-queue content-filter front."""
 
     # What the README tells users to add; {filter_port} is Cleanmail's filter daemon,
@@ -623,15 +630,6 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         self._reaped.stop()
         self._reaped = None
         return False
-
-    def stop(self) -> None:
-        """Stop the master and all its children, then remove the directory."""
-        if self._reaped is not None:
-            self._reaped.stop()
-            self._reaped = None
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
 
     def postfix_command(self, *args: str) -> str:
         """Run a Postfix command (`postqueue`, `postsuper`, ...) with `-c DIR`; return stdout."""

@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from cleanmail import audit, mailboxes, mime, quarantine, reasons
+from cleanmail import audit, mailboxes, reasons
 from cleanmail.models import AuditEvent, ListEntry, Message, Status
 from cleanmail.store import digest
 from cleanmail.web import quarantine as views
-from tests.conftest import login_as
+from tests.conftest import hold_message, login_as
 from tests.messages import message
 
 ACTOR = audit.Actor("operator", "test")
@@ -29,18 +29,7 @@ HOSTILE_HTML = (
 
 def hold(database, store, mailbox_id, raw, *, at=T0, sender="spam@spam.example", why=SPAM):
     """Hold a raw message for a mailbox the way the filter does; its id."""
-    with database.session_scope(write=True) as session:
-        (message_id,) = quarantine.hold(
-            session,
-            store,
-            raw,
-            mime.parse(raw),
-            quarantine.Origin(sender),
-            [quarantine.Hold(mailbox_id, 7.0, why)],
-            retention_days=30,
-            now=at,
-        )
-    return message_id
+    return hold_message(database, store, mailbox_id, raw, at=at, sender=sender, reasons=why)
 
 
 def other_owner(database):

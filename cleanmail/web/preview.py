@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import nh3
 from babel.dates import format_datetime
@@ -22,7 +22,6 @@ from cleanmail import mime
 from cleanmail.filter import attachments
 
 MAX_HTML = 1024 * 1024  # characters of HTML cleaned per preview: bounds the work
-DEFAULT_ZONE = "Europe/Oslo"
 
 # The preview document's own policy: no scripts, no remote loads, no forms, no framing
 # except by our own page. The `sandbox` directive also covers a preview opened directly.
@@ -179,14 +178,6 @@ def detect(data: bytes) -> str:
     mime_type = attachments._identify(handles.mime_type, sample)
     description = attachments._identify(handles.describe, sample)
     return mime.clean_text(f"{description} ({mime_type})" if mime_type else description, 300)
-
-
-def zone(name: str | None) -> ZoneInfo:
-    """The owner's time zone, Oslo when it is unset or unknown."""
-    try:
-        return ZoneInfo(name or DEFAULT_ZONE)
-    except (ZoneInfoNotFoundError, ValueError):
-        return ZoneInfo(DEFAULT_ZONE)
 
 
 # Numeric dates as each language writes them; Babel's formatter costs ~60 µs a call,

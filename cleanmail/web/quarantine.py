@@ -23,7 +23,7 @@ from flask_login import current_user, login_required
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import MultiDict
 
-from cleanmail import mime, quarantine, reasons, web
+from cleanmail import mailboxes, mime, quarantine, reasons, web
 from cleanmail.models import Mailbox, Message, Status
 from cleanmail.web import preview
 from cleanmail.web import quarantine_actions as actions
@@ -157,7 +157,7 @@ def index() -> str:
     """The list of held messages, newest first, a page at a time."""
     session = web.session()
     mailbox = owner_mailbox(session)
-    tz = preview.zone(mailbox.timezone)
+    tz = mailboxes.time_zone(mailbox.timezone)
     form = ListForm.parse(request.args)
     described: dict[tuple[str, str], str] = {}
     page = quarantine.search(
@@ -198,7 +198,7 @@ def message(message_id: int) -> str:
     session = web.session()
     mailbox = owner_mailbox(session)
     held = owned_message(session, mailbox, message_id)
-    tz = preview.zone(mailbox.timezone)
+    tz = mailboxes.time_zone(mailbox.timezone)
     parsed = _parsed(held)
     html = parsed.html_body if parsed else ""
     text = parsed.text_body if parsed else ""
