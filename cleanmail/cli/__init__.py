@@ -10,6 +10,9 @@ import click
 
 from cleanmail import config as config_module
 from cleanmail import db, lists, mailboxes, quarantine, store
+from cleanmail.bulk import BulkError
+from cleanmail.search import SearchError
+from cleanmail.staff import StaffError
 
 # Errors that mean "bad input or setup": one clear line and a non-zero exit, no traceback.
 CLEAR_ERRORS = (
@@ -19,6 +22,9 @@ CLEAR_ERRORS = (
     lists.ListError,
     quarantine.QuarantineError,
     store.StoreError,
+    StaffError,
+    SearchError,
+    BulkError,
 )
 
 
@@ -85,7 +91,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 def main() -> None:
     """Entry point of the console script."""
-    from cleanmail.cli import daemons, data, demo, links, reports, scheduler  # noqa: F401 - registers the commands
+    from cleanmail.cli import daemons, data, demo, links, reports, scheduler, staff  # noqa: F401
 
     try:
         cli.main(prog_name="cleanmail", standalone_mode=False)
