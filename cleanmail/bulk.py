@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -139,8 +140,19 @@ def _claim(database: db.Database, job_id: int, worker: str, now: datetime) -> bo
         return True
 
 
-def run(database: db.Database, store: Store, relay: Relay, job_id: int) -> bool:
-    """Work a job through to its end; False when another runner has it (or it is over)."""
+def run(
+    database: db.Database,
+    store: Store,
+    relay: Relay,
+    job_id: int,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> bool:
+    """Work a job through to its end; False when another runner has it (or it is over).
+
+    ``progress`` is called with each message's outcome ("done", "failed", "skipped")
+    once it is committed, from the job's threads (for a command's progress bar).
+    """
     worker = uuid.uuid4().hex
     if not _claim(database, job_id, worker, utcnow()):
         return False
@@ -150,7 +162,7 @@ def run(database: db.Database, store: Store, relay: Relay, job_id: int) -> bool:
         access = access_from_json(job.actor_type, job.staff_id, job.domain_ids)
         query = target(job.action, search.Query.from_json(job.criteria))
         actor = audit.Actor(job.actor_type, job.actor, job.remote_addr)
-        runner = _Runner(database, store, relay, job_id, worker, job.action, actor)
+        runner = _Runner(database, store, relay, job_id, worker, job.action, actor, progress)
         last_id = job.last_id
     try:
         while not runner.stop.is_set():
@@ -181,6 +193,7 @@ class _Runner:
     worker: str
     action: str
     actor: audit.Actor
+    progress: Callable[[str], None] | None = None
     stop: threading.Event = field(default_factory=threading.Event)
 
     def work(self, ids: list[int]) -> None:
@@ -249,6 +262,8 @@ class _Runner:
         except BaseException:
             session.rollback()
             raise
+        if self.progress is not None:
+            self.progress(outcome)
         if counted.rowcount != 1:  # type: ignore[attr-defined]
             self.stop.set()  # cancelled, or taken over by another runner
 

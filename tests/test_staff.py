@@ -149,7 +149,9 @@ def test_bulk_release_by_search(database, store, config, smtp_sink, two_domains)
         )
         job_id = job.id
         assert job.total == 2  # not mette@other.dk's copy: another domain
-    assert bulk.run(database, store, _relay(config), job_id)
+    outcomes: list[str] = []
+    assert bulk.run(database, store, _relay(config), job_id, progress=outcomes.append)
+    assert outcomes == ["done", "done"]
     assert sorted(m.rcpt_tos[0] for m in smtp_sink.wait_for(2)) == [
         "ola@example.no",
         "per@example.no",
