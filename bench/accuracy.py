@@ -172,9 +172,7 @@ def main() -> int:
     ):
         table = counts[kind]
         recall, fp = rates(table)
-        print(
-            f"{label:22}{recall:>12.2%}{fp:>9.2%}{table['ham_held']:>10}{table['spam_pass']:>13}"
-        )
+        print(f"{label:22}{recall:>12.2%}{fp:>9.2%}{table['ham_held']:>10}{table['spam_pass']:>13}")
     print(f"target: spam recall >= {TARGET_RECALL:.0%} with ham FP <= {TARGET_FP:.1%}\n")
     print(f"one core, {args.speed_messages} messages:")
     print(f"  parsing (reference)        {figures['parse_per_second']:>8.0f} msg/s")

@@ -53,7 +53,7 @@ HITS = {
     "links": ("CLASSIFIER_LINKS", "links to sites known from spam"),
     "layout": ("CLASSIFIER_LAYOUT", "built like known spam"),
 }
-HAM_HIT = ("CLASSIFIER_HAM", "resembles mail that owners wanted")
+HAM_HIT = ("CLASSIFIER_HAM", "resembles mail that people wanted")
 
 
 def kind(token: str) -> str:
