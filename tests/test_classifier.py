@@ -16,9 +16,9 @@ from cleanmail import audit, learning, mailboxes, mime, quarantine
 from cleanmail.cli import cli, engine
 from cleanmail.config import Endpoint
 from cleanmail.filter import classifier, engines, learned, tokenizer
-from cleanmail.models import ClassifierModel, Message, Status
+from cleanmail.models import ClassifierModel, Mailbox, Message, Status
 from cleanmail.relay import Relay
-from tests.conftest import FilterProcess
+from tests.conftest import FilterProcess, login_as
 from tests.messages import message
 from tests.servers import free_port
 
@@ -272,3 +272,19 @@ def test_tokenizer_survives_hostile_mail_quickly(raw):
     model = classifier.Model.empty()
     model.learn(classifier.indices(tokens), True)
     assert abs(model.logit(classifier.indices(tokens))) < 100
+
+
+def test_owner_reads_why_in_their_language(run, folders, owner, client, filter_server, database):
+    run("engine", "train", "--ham", str(folders[0]), "--spam", str(folders[1]))
+    assert send(filter_server.port, pure_spam(), sender="promo@bulk.example") == 250
+    (message_id,) = held_ids(database)
+    with database.session_scope() as session:
+        reasons = session.get(Message, message_id).reasons
+    assert reasons[0]["code"] == "CLASSIFIER_WORDING" and reasons[0]["score"] >= 5
+    login_as(client, owner)
+    page = client.get(f"/messages/{message_id}").get_data(as_text=True)
+    assert "Wording known from spam (" in page
+    with database.session_scope(write=True) as session:
+        session.get(Mailbox, owner.id).language = "nb"
+    page = client.get(f"/messages/{message_id}").get_data(as_text=True)
+    assert "Formuleringer kjent fra spam (" in page
