@@ -48,6 +48,8 @@ def hashes(tokens: Sequence[str]) -> np.ndarray:
         return np.zeros(0, np.int64)
     # One encode and one split, then crc32 over the pieces: no Python code per token.
     pieces = "\n".join(tokens).encode("utf-8", "surrogatepass").split(b"\n")
+    if len(pieces) != len(tokens):  # a token with a line break: one at a time, in order
+        pieces = [token.encode("utf-8", "surrogatepass") for token in tokens]
     return np.fromiter(map(zlib.crc32, pieces), dtype=np.int64, count=len(pieces)) & MASK
 
 

@@ -26,6 +26,7 @@ MAX_HEADER_VALUE = 500
 # "don't", "e-mail", "v1.2". Three or more characters: shorter words tell little.
 _WORD = re.compile(r"[^\W_](?:[\w'.-]{0,40}[^\W_])?")
 _TAG_NAME = re.compile(r"<([a-z][a-z0-9]{0,10})\b")
+_IP_HOST = re.compile(r"^[\d.]{7,15}$|^\d{8,10}$|^0x[0-9a-f]{8}$")
 _NINES = str.maketrans("012345678", "999999999")
 _EMPTY = engines.Envelope("", ())
 # Headers whose words are tokens of their own; the rest count by name only.
@@ -94,7 +95,7 @@ def _links(message: mime.ParsedMessage, view: rules.View) -> list[str]:
         labels = host.split(".")
         if len(labels) > 2:
             out.append(f"url:{'.'.join(labels[-2:])}")
-        if rules._IP_HOST.match(host):
+        if _IP_HOST.match(host):
             out.append("url:ip")
     out.append(f"links:{min(len(view.links), 20) // 5}")
     return out
