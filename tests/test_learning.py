@@ -117,6 +117,11 @@ def test_learning_job_folds_events_into_new_versions(database, store, owner):
         version, model = learning.latest_model(session)
     assert (version, model.ham, model.spam) == (5, 3, 2)
     assert model.logit(classifier.indices(["subj:offer"])) != 0
+    with database.session_scope(write=True) as session:  # one event still waits
+        learning.record(session, quarantine.get(session, ids[0]), "ham", OPERATOR, store=store)
+    assert learning.apply_pending(database, store, keep_days=0) == 6
+    (left,) = events(database)  # applied events past their keeping time are gone
+    assert left.applied_version == 6
 
 
 def test_a_second_writer_of_the_same_version_waits_its_turn(database):
