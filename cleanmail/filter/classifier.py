@@ -139,18 +139,21 @@ class Model:
         return buffer.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Model:
-        """Read a state written by ``to_bytes``; ModelError when it is not one."""
+    def from_bytes(cls, data: bytes, *, learning: bool = True) -> Model:
+        """Read a state written by ``to_bytes``; ModelError when it is not one.
+
+        Without ``learning`` AdaGrad's sums are not even decompressed: a filter only scores.
+        """
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
                 header = json.loads(arrays["header"].tobytes())
                 weights = arrays["weights"].astype(np.float32)
-                squares = arrays["squares"].astype(np.float32)
+                squares = arrays["squares"].astype(np.float32) if learning else weights[:0]
         except (OSError, ValueError, KeyError, EOFError, zlib.error) as exc:
             raise ModelError(f"not a classifier model: {exc}") from None
         if header.get("format") != FORMAT or weights.shape != (FEATURES,):
             raise ModelError(f"unknown classifier model format {header.get('format')!r}")
-        if squares.shape != (FEATURES,):
+        if learning and squares.shape != (FEATURES,):
             raise ModelError("damaged classifier model")
         return cls(
             weights,

@@ -133,12 +133,11 @@ class ModelWatcher:
             log.warning("classifier: cannot check for a new model: %s", exc)
             return
         try:
-            model = classifier.Model.from_bytes(state or b"")
+            model = classifier.Model.from_bytes(state or b"", learning=False)
         except classifier.ModelError as exc:
             log.error("classifier: model version %s is unreadable: %s", version, exc)
             self.version = version  # do not retry a damaged row every few seconds
             return
-        model.squares = model.squares[:0]  # scoring does not need AdaGrad's sums
         self.model, self.version = model, version
         log.info(
             "classifier: loaded model version %s (%d ham, %d spam)", version, model.ham, model.spam
