@@ -61,6 +61,9 @@ class Config:
     trusted_proxies: int = 0
     mail_from: str = ""
     log_level: str = "INFO"
+    # The learning classifier (issue 6): on by default; it scores nothing until trained.
+    classifier: bool = True
+    classifier_reload: float = 5.0  # seconds between a filter's checks for a new model
 
     @property
     def store_dir(self) -> Path:
@@ -133,6 +136,13 @@ def _log_level(value: str) -> str:
     return level
 
 
+def _switch(value: str) -> bool:
+    word = value.strip().lower()
+    if word not in {"on", "off", "true", "false", "yes", "no", "1", "0"}:
+        raise ValueError(f"expected on or off, got {value!r}")
+    return word in {"on", "true", "yes", "1"}
+
+
 # name -> parser of the text form; the instance file may also give native TOML values.
 PARSERS: dict[str, Callable[[str], Any]] = {
     "database_url": _database_url,
@@ -156,6 +166,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "trusted_proxies": int,
     "mail_from": str,
     "log_level": _log_level,
+    "classifier": _switch,
+    "classifier_reload": _positive_float,
 }
 
 DEFAULTS: dict[str, str] = {

@@ -26,7 +26,7 @@ from apscheduler.schedulers.base import STATE_STOPPED
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy.engine import make_url
 
-from cleanmail import db, purge
+from cleanmail import db, learning, purge
 from cleanmail.config import Config
 from cleanmail.models import utcnow
 from cleanmail.relay import Relay
@@ -42,6 +42,7 @@ TICK = 2.0  # seconds between a standby's attempts, and between the leader's che
 REPORTS_EVERY = timedelta(minutes=1)
 PURGE_EVERY = timedelta(minutes=15)
 BULK_EVERY = timedelta(minutes=1)
+LEARN_EVERY = timedelta(minutes=1)
 # coalesce: however many runs were missed, one catch-up run; no grace limit, so that it
 # does happen even after a long outage.
 JOB_DEFAULTS = {"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
@@ -99,12 +100,20 @@ def bulk_job() -> None:
     resumed = bulk.resume(runtime.database, Store(config.store_dir), relay)
     if resumed:
         log.info("bulk: %d interrupted jobs resumed", resumed)
+def learning_job() -> None:
+    """Fold owners' releases and blocks into a new classifier model version."""
+    runtime = _current()
+    try:
+        learning.apply_pending(runtime.database, Store(runtime.config.store_dir))
+    except learning.ModelConflict as exc:
+        log.info("learning: %s; the events wait for the next run", exc)
 
 
 JOBS: dict[str, tuple[Any, timedelta]] = {
     "reports": (reports_job, REPORTS_EVERY),
     "purge": (purge_job, PURGE_EVERY),
     "bulk": (bulk_job, BULK_EVERY),
+    "learning": (learning_job, LEARN_EVERY),
 }
 
 

@@ -9,8 +9,9 @@ from typing import Any
 import click
 
 from cleanmail import config as config_module
-from cleanmail import db, lists, mailboxes, quarantine, store
+from cleanmail import db, learning, lists, mailboxes, quarantine, store
 from cleanmail.bulk import BulkError
+from cleanmail.filter import classifier
 from cleanmail.search import SearchError
 from cleanmail.staff import StaffError
 
@@ -25,6 +26,8 @@ CLEAR_ERRORS = (
     StaffError,
     SearchError,
     BulkError,
+    learning.LearningError,
+    classifier.ModelError,
 )
 
 
@@ -91,7 +94,16 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 def main() -> None:
     """Entry point of the console script."""
-    from cleanmail.cli import daemons, data, demo, links, reports, scheduler, staff  # noqa: F401
+    from cleanmail.cli import (  # noqa: F401 - registers the commands
+        daemons,
+        data,
+        demo,
+        engine,
+        links,
+        reports,
+        scheduler,
+        staff,
+    )
 
     try:
         cli.main(prog_name="cleanmail", standalone_mode=False)

@@ -13,7 +13,8 @@ import uvloop
 
 from cleanmail import db
 from cleanmail.config import Config
-from cleanmail.filter import auth, rules, server
+from cleanmail.filter import auth, learned, rules, server
+from cleanmail.filter.engines import Engine
 from cleanmail.filter.pipeline import Pipeline
 from cleanmail.relay import Relay
 from cleanmail.store import Store
@@ -28,13 +29,22 @@ def build_pipeline(config: Config, database: db.Database) -> Pipeline:
         database,
         Store(config.store_dir),
         Relay(config.relay, timeout=config.relay_timeout, hostname=config.hostname),
-        [rules.RulesEngine()],
+        engines(config, database),
         auth.Authenticator(
             config.trusted_authserv_id,
             dns_timeout=config.dns_timeout,
             dns_servers=config.dns_servers,
         ),
     )
+
+
+def engines(config: Config, database: db.Database) -> list[Engine]:
+    """The embedded engines: the rules, then the learning classifier when it is on."""
+    found: list[Engine] = [rules.RulesEngine()]
+    if config.classifier:
+        watcher = learned.ModelWatcher(database, every=config.classifier_reload)
+        found.append(learned.LearnedEngine(watcher))
+    return found
 
 
 def run(config: Config, *, ready: Callable[[], None] | None = None) -> int:
