@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -331,3 +332,51 @@ class Report(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     message_id_header: Mapped[str] = mapped_column(String(255), default="")
+
+
+class Label(enum.StrEnum):
+    """What a person's decision says a message is, for the learning classifier."""
+
+    HAM = "ham"
+    SPAM = "spam"
+
+
+class LearningEvent(Base):
+    """One decision to learn from: a release (ham), a block or a spam mark (spam).
+
+    Written in the same transaction as the action itself; the scheduler's learning job
+    folds the pending ones into a new classifier model. The tokens are kept so that the
+    lesson survives the raw file's purge; the hash lets external engines re-read it.
+    """
+
+    __tablename__ = "learning_events"
+    __table_args__ = (Index("ix_learning_events_applied_id", "applied_version", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    label: Mapped[str] = mapped_column(String(8))
+    source: Mapped[str] = mapped_column(String(32))  # release, block, operator, cli ...
+    actor_type: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(320), default="")
+    raw_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    message_id: Mapped[int | None] = mapped_column(BigInteger)
+    mailbox_id: Mapped[int | None] = mapped_column(
+        ForeignKey("mailboxes.id", ondelete="SET NULL"), index=True
+    )
+    tokens: Mapped[str] = mapped_column(Text, default="")
+    # The model version that took this event in (None: waiting for the learning job).
+    applied_version: Mapped[int | None] = mapped_column(Integer)
+
+
+class ClassifierModel(Base):
+    """One version of the learned classifier's state; filters load the newest."""
+
+    __tablename__ = "classifier_models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)  # the version
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    source: Mapped[str] = mapped_column(String(32))  # train, learn
+    actor: Mapped[str] = mapped_column(String(320), default="")
+    ham_count: Mapped[int] = mapped_column(Integer, default=0)
+    spam_count: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[bytes] = mapped_column(LargeBinary)

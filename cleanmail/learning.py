@@ -1,0 +1,101 @@
+"""What the classifier learns from: people's decisions about held messages, as events.
+
+A release is ham, "block sender" or an operator's spam mark is spam; mail that passed
+and was never complained about teaches nothing. ``record`` adds an event in the same
+transaction as the action; the scheduler's learning job (``apply_pending``) folds the
+waiting events into a new classifier model version, which every filter then loads.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from cleanmail import audit, mime
+from cleanmail.filter import tokenizer
+from cleanmail.models import Label, LearningEvent, Message
+from cleanmail.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("release", "block", "mark", "train")
+BATCH = 500  # events per model version; the job runs again for the rest
+
+
+class LearningError(ValueError):
+    """A decision cannot be learned from (an unknown label or source)."""
+
+
+def tokens_of(raw: bytes) -> list[str]:
+    """The classifier's tokens of a raw message (never raises on odd input)."""
+    return tokenizer.tokenize(mime.parse(raw))
+
+
+def record(
+    session: Session,
+    message: Message,
+    label: Label | str,
+    actor: audit.Actor,
+    *,
+    source: str = "mark",
+    raw: bytes | None = None,
+    store: Store | None = None,
+) -> LearningEvent:
+    """Add a learning event for a held message (committed with the caller's action).
+
+    The tokens are taken now, from ``raw`` or from ``store``, so that the lesson
+    survives a delete right after; without either the learning job reads the store.
+    """
+    try:
+        label = Label(label)
+    except ValueError:
+        raise LearningError(f"unknown label {label!r}: use ham or spam") from None
+    if source not in SOURCES:
+        raise LearningError(f"unknown learning source {source!r}")
+    if raw is None and store is not None and message.raw_sha256 is not None:
+        try:
+            raw = store.read(message.raw_sha256)
+        except StoreError as exc:
+            log.warning("learning: cannot read message %s: %s", message.id, exc)
+    tokens = tokens_of(raw) if raw is not None else []
+    event = LearningEvent(
+        label=label,
+        source=source,
+        actor_type=actor.type,
+        actor=actor.name[:320],
+        raw_sha256=message.raw_sha256,
+        message_id=message.id,
+        mailbox_id=message.mailbox_id,
+        tokens="\n".join(tokens),
+        applied_version=None,
+    )
+    session.add(event)
+    return event
+
+
+def pending(session: Session, *, limit: int = BATCH) -> list[LearningEvent]:
+    """The oldest events no model has taken in yet."""
+    query = select(LearningEvent).where(LearningEvent.applied_version.is_(None))
+    return list(session.scalars(query.order_by(LearningEvent.id).limit(limit)))
+
+
+def event_tokens(event: LearningEvent, store: Store | None) -> list[str]:
+    """An event's tokens, read from the stored message when they were not kept."""
+    if event.tokens:
+        return event.tokens.split("\n")
+    if store is None or event.raw_sha256 is None:
+        return []
+    try:
+        return tokens_of(store.read(event.raw_sha256))
+    except StoreError:
+        return []
+
+
+def mark_applied(session: Session, events: list[LearningEvent], version: int) -> None:
+    """Note that a model version took these events in."""
+    ids = [event.id for event in events]
+    session.execute(
+        update(LearningEvent).where(LearningEvent.id.in_(ids)).values(applied_version=version)
+    )

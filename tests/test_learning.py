@@ -1,0 +1,96 @@
+"""Learning events: releases and blocks become ham and spam lessons, in the same transaction."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from cleanmail import audit, learning, quarantine
+from cleanmail.models import Label, LearningEvent
+from cleanmail.relay import Relay
+from tests.conftest import hold_message, login_as
+from tests.messages import message
+
+OPERATOR = audit.Actor("operator", "support@isp.example")
+
+
+@pytest.fixture
+def ola(client, owner):
+    login_as(client, owner)
+    return owner
+
+
+def events(database) -> list[LearningEvent]:
+    with database.session_scope() as session:
+        return list(session.scalars(select(LearningEvent).order_by(LearningEvent.id)))
+
+
+def token(client, path: str) -> str:
+    page = client.get(path).get_data(as_text=True)
+    return page.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+
+
+def test_owner_release_is_ham_and_block_is_spam(client, ola, database, store, smtp_sink):
+    wanted = hold_message(database, store, ola.id, message(subject="Invoice for October"))
+    pest = hold_message(
+        database, store, ola.id, message(subject="CHEAP PILLS", sender="pest@spam.example")
+    )
+    csrf = token(client, f"/messages/{wanted}")
+    client.post(f"/messages/{wanted}/release", data={"csrf_token": csrf})
+    client.post(f"/messages/{pest}/block", data={"csrf_token": csrf})
+    client.post(f"/messages/{wanted}/release", data={"csrf_token": csrf})  # already released
+    ham, spam = events(database)
+    assert (ham.label, ham.source, ham.actor_type, ham.message_id) == (
+        "ham",
+        "release",
+        "owner",
+        wanted,
+    )
+    assert (spam.label, spam.source, spam.message_id, spam.mailbox_id) == (
+        "spam",
+        "block",
+        pest,
+        ola.id,
+    )
+    assert "subj:invoice" in ham.tokens.split("\n")
+    assert "subj:cheap" in spam.tokens.split("\n")
+    assert ham.applied_version is None and spam.applied_version is None
+
+
+def test_refused_release_teaches_nothing(config, database, store, owner, smtp_sink):
+    held = hold_message(database, store, owner.id, message(subject="Busy"))
+    smtp_sink.refuse = "451 4.3.0 busy"
+    relay = Relay(config.relay, timeout=5, hostname="test")
+    with database.session_scope(write=True) as session:  # commits the failed attempt
+        with pytest.raises(quarantine.ReleaseFailed):
+            quarantine.release(session, store, relay, quarantine.get(session, held), OPERATOR)
+    assert events(database) == []
+    smtp_sink.refuse = None
+    with database.session_scope(write=True) as session:
+        assert quarantine.release(session, store, relay, quarantine.get(session, held), OPERATOR)
+    (event,) = events(database)
+    assert (event.label, event.actor_type, event.actor) == (
+        "ham",
+        "operator",
+        "support@isp.example",
+    )
+
+
+def test_operator_mark_keeps_the_lesson_after_a_delete(database, store, owner):
+    held = hold_message(database, store, owner.id, message(subject="Unusual offer"))
+    with database.session_scope(write=True) as session:
+        row = quarantine.get(session, held)
+        learning.record(session, row, "spam", OPERATOR, store=store)
+        quarantine.delete(session, store, row, OPERATOR)
+    (event,) = events(database)
+    assert (event.label, event.source, event.actor) == (Label.SPAM, "mark", "support@isp.example")
+    with database.session_scope() as session:
+        (pending,) = learning.pending(session)
+        assert "subj:unusual" in learning.event_tokens(pending, None)
+
+
+def test_unknown_label_is_refused(database, store, owner):
+    held = hold_message(database, store, owner.id, message())
+    with database.session_scope() as session:
+        with pytest.raises(learning.LearningError):
+            learning.record(session, quarantine.get(session, held), "maybe", OPERATOR)
