@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from glob import glob
 from pathlib import Path
 from types import TracebackType
@@ -211,6 +211,25 @@ class _ReapedServer(_Server):
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Freeze the daemon's processes (SIGSTOP) for a while: a hung service.
+
+        The kernel still accepts connections, but nothing answers until the end of the
+        ``with`` block, when every process is continued (SIGCONT).
+        """
+        assert self._reaped is not None, "server not started"
+        pids = _descendants(self._reaped.proc.pid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
 
 
 def _private_dir(prefix: str, tmpdir: str | os.PathLike[str] | None, user: str | None) -> Path:
