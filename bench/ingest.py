@@ -6,7 +6,7 @@ matters is the ratio of the filter's throughput to the bare relay's in the same 
 
     .venv/bin/python bench/ingest.py [--messages 5000] [--connections 8]
         [--client-processes 2] [--filter-workers N] [--skip-memory]
-        [--database sqlite|postgresql] [--profile FILE [--profile-gil]]
+        [--database sqlite|postgresql] [--classifier on|off] [--profile FILE [--profile-gil]]
 """
 
 from __future__ import annotations
@@ -516,8 +516,12 @@ class Installation:
 
 
 @contextlib.contextmanager
-def installation(tmp: Path, database: str) -> Iterator[Installation]:
-    """Migrate a fresh database (SQLite in the data dir, or a throw-away PostgreSQL)."""
+def installation(tmp: Path, database: str, classifier: bool = True) -> Iterator[Installation]:
+    """Migrate a fresh database (SQLite in the data dir, or a throw-away PostgreSQL).
+
+    With the classifier on, it is trained on the corpus first, so that the filter scores
+    every message with a real model (as an installation that ran ``engine train`` does).
+    """
     data_dir = tmp / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLEANMAIL_")}
     env["CLEANMAIL_DATA_DIR"] = str(data_dir)
@@ -533,6 +537,11 @@ def installation(tmp: Path, database: str) -> Iterator[Installation]:
         setup = Installation(env, url, data_dir)
         setup.cli("db", "upgrade")
         setup.cli("domain", "add", DOMAIN)
+        if classifier:
+            print(setup.cli("engine", "train", "--ham", str(CORPUS / "ham"),
+                            "--spam", str(CORPUS / "spam")).strip())
+        else:
+            env["CLEANMAIL_CLASSIFIER"] = "off"
         yield setup
 
 
@@ -704,7 +713,7 @@ def print_table(args: argparse.Namespace, relay: BatchResult, filt: BatchResult,
     ratio = filt.rate / relay.rate if relay.rate else 0.0
     print(f"\nIngest: {filt.sent} messages, {args.connections} connections, "
           f"{args.client_processes} client processes, database {args.database}, "
-          f"filter workers {args.filter_workers or 'default'}, "
+          f"filter workers {args.filter_workers or 'default'}, classifier {args.classifier}, "
           f"{os.cpu_count()} CPUs")
     rows = [
         ("", "filter", "bare relay", "target"),
@@ -772,6 +781,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--filter-workers", type=int, default=None,
                         help="CLEANMAIL_FILTER_WORKERS for the filter (default: its own)")
     parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--classifier", choices=("on", "off"), default="on",
+                        help="train the learning classifier on the corpus and score with it")
     parser.add_argument("--profile", type=Path, default=None,
                         help="record the filter with py-spy into this raw (collapsed) file")
     parser.add_argument("--profile-gil", action="store_true",
@@ -791,7 +802,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         gtube_count = sum(m.gtube for m in messages)
         print(f"loaded {len(messages)} messages ({sum(len(m.data) for m in messages) / MB:.1f} "
               f"MiB, {gtube_count} with GTUBE) in {time.monotonic() - started:.1f} s")
-        setup = stack.enter_context(installation(tmp, args.database))
+        setup = stack.enter_context(
+            installation(tmp, args.database, classifier=args.classifier == "on"))
         counter = mp.get_context("spawn").Value("q", 0)
         sink_port = free_port()
         stack.enter_context(spawned(sink_main, sink_port, counter))

@@ -61,6 +61,9 @@ class Config:
     trusted_proxies: int = 0
     mail_from: str = ""
     log_level: str = "INFO"
+    # The learning classifier (issue 6): on by default; it scores nothing until trained.
+    classifier: bool = True
+    classifier_reload: float = 5.0  # seconds between a filter's checks for a new model
     # Verdict engines (README "Verdict engines"): embedded ones first, external ones
     # chained after them for undecided mail.
     engines: tuple[str, ...] = ("rules",)
@@ -157,15 +160,6 @@ def _engine_list(value: str) -> tuple[str, ...]:
     return names
 
 
-def _boolean(value: str) -> bool:
-    word = value.strip().lower()
-    if word in {"1", "true", "yes", "on"}:
-        return True
-    if word in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(f"expected yes or no, got {value!r}")
-
-
 def _port(value: str) -> int:
     number = int(value)
     if not 0 < number < 65536:
@@ -178,6 +172,13 @@ def _log_level(value: str) -> str:
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ValueError(f"expected DEBUG, INFO, WARNING or ERROR, got {value!r}")
     return level
+
+
+def _switch(value: str) -> bool:
+    word = value.strip().lower()
+    if word not in {"on", "off", "true", "false", "yes", "no", "1", "0"}:
+        raise ValueError(f"expected on or off, got {value!r}")
+    return word in {"on", "true", "yes", "1"}
 
 
 # name -> parser of the text form; the instance file may also give native TOML values.
@@ -203,9 +204,11 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "trusted_proxies": int,
     "mail_from": str,
     "log_level": _log_level,
+    "classifier": _switch,
+    "classifier_reload": _positive_float,
     "engines": _engine_list,
     "engine_timeout": _positive_float,
-    "engine_fail_open": _boolean,
+    "engine_fail_open": _switch,
     "rspamd_url": _base_url,
     "rspamd_controller_url": _base_url,
     "rspamd_password": str,

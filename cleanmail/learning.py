@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from cleanmail import audit, mime
-from cleanmail.filter import tokenizer
-from cleanmail.models import Label, LearningEvent, Message
+from cleanmail import audit, db, mime
+from cleanmail.filter import classifier, tokenizer
+from cleanmail.models import ClassifierModel, Label, LearningEvent, Message
 from cleanmail.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("release", "block", "mark", "train")
 BATCH = 500  # events per model version; the job runs again for the rest
+KEEP_VERSIONS = 3  # older model rows are deleted; a filter loads only the newest
 
 
 class LearningError(ValueError):
@@ -99,3 +101,65 @@ def mark_applied(session: Session, events: list[LearningEvent], version: int) ->
     session.execute(
         update(LearningEvent).where(LearningEvent.id.in_(ids)).values(applied_version=version)
     )
+
+
+class ModelConflict(Exception):
+    """Another process wrote a model version first; try again from the newer one."""
+
+
+def latest_model(session: Session) -> tuple[int, classifier.Model]:
+    """The newest model version and its model (version 0 and an empty model when none)."""
+    row = session.execute(
+        select(ClassifierModel.id, ClassifierModel.state).order_by(ClassifierModel.id.desc())
+    ).first()
+    if row is None:
+        return 0, classifier.Model.empty()
+    return row.id, classifier.Model.from_bytes(row.state)
+
+
+def save_model(
+    session: Session, model: classifier.Model, base: int, *, source: str, actor: str
+) -> int:
+    """Write a model as the version after ``base``; ModelConflict when that one exists.
+
+    The version number is the primary key, so two writers that started from the same
+    version cannot both succeed: the second one's insert fails and it starts again.
+    """
+    version = base + 1
+    row = ClassifierModel(
+        id=version,
+        source=source,
+        actor=actor[:320],
+        ham_count=model.ham,
+        spam_count=model.spam,
+        state=model.to_bytes(),
+    )
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:
+        raise ModelConflict(f"model version {version} was written by another process") from None
+    session.execute(delete(ClassifierModel).where(ClassifierModel.id <= version - KEEP_VERSIONS))
+    return version
+
+
+def apply_pending(database: db.Database, store: Store | None = None) -> int | None:
+    """Fold the waiting events into a new model version; its number, or None if none waited."""
+    with database.session_scope(write=True) as session:
+        events = pending(session)
+        if not events:
+            return None
+        base, model = latest_model(session)
+        for event in events:
+            features = classifier.indices(event_tokens(event, store))
+            if len(features):
+                model.learn(features, event.label == Label.SPAM)
+        version = save_model(session, model, base, source="learn", actor="scheduler")
+        mark_applied(session, events, version)
+    log.info("learning: model version %d took in %d events", version, len(events))
+    return version
+
+
+def model_versions(session: Session) -> int:
+    """How many model versions are stored."""
+    return session.scalar(select(func.count()).select_from(ClassifierModel)) or 0

@@ -73,6 +73,11 @@ LABELS = {
     "MONEY_AMOUNTS": _l("The text mentions many money amounts"),
     "SPAM_PHRASES": _l("Typical spam wording with a call to click"),
     "SPAM_PHRASES_MANY": _l("Much typical spam wording"),
+    "CLASSIFIER_WORDING": _l("Wording known from spam"),
+    "CLASSIFIER_HEADERS": _l("The headers look like those of known spam"),
+    "CLASSIFIER_LINKS": _l("Links to sites known from spam"),
+    "CLASSIFIER_LAYOUT": _l("Built like known spam"),
+    "CLASSIFIER_HAM": _l("Resembles mail that people wanted"),
 }
 
 # Reasons whose stored text ends in a detail after a fixed English prefix.
@@ -90,6 +95,7 @@ _DETAILED = {
         _l("The sender is blocked by your mail provider (%(detail)s)"),
     ),
     "LIST_ALLOW": ("sender allowed: ", _l("The sender is on your whitelist (%(detail)s)")),
+    "CLASSIFIER_WORDING": ("known spam wording: ", _l("Wording known from spam (%(detail)s)")),
     "ALLOW_IGNORED_SPOOFED": (
         "allow entry ",
         _l("Your whitelist entry %(detail)s was ignored: the sender's address looks forged"),

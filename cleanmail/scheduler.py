@@ -26,7 +26,7 @@ from apscheduler.schedulers.base import STATE_STOPPED
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy.engine import make_url
 
-from cleanmail import db, purge
+from cleanmail import db, learning, purge
 from cleanmail.config import Config
 from cleanmail.models import utcnow
 from cleanmail.relay import Relay
@@ -41,6 +41,7 @@ TICK_VARIABLE = "CLEANMAIL_SCHEDULER_TICK"
 TICK = 2.0  # seconds between a standby's attempts, and between the leader's checks
 REPORTS_EVERY = timedelta(minutes=1)
 PURGE_EVERY = timedelta(minutes=15)
+LEARN_EVERY = timedelta(minutes=1)
 # coalesce: however many runs were missed, one catch-up run; no grace limit, so that it
 # does happen even after a long outage.
 JOB_DEFAULTS = {"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
@@ -88,9 +89,19 @@ def purge_job() -> None:
         log.info("purge: %d messages expired, %d files removed", result.expired, result.orphans)
 
 
+def learning_job() -> None:
+    """Fold owners' releases and blocks into a new classifier model version."""
+    runtime = _current()
+    try:
+        learning.apply_pending(runtime.database, Store(runtime.config.store_dir))
+    except learning.ModelConflict as exc:
+        log.info("learning: %s; the events wait for the next run", exc)
+
+
 JOBS: dict[str, tuple[Any, timedelta]] = {
     "reports": (reports_job, REPORTS_EVERY),
     "purge": (purge_job, PURGE_EVERY),
+    "learning": (learning_job, LEARN_EVERY),
 }
 
 

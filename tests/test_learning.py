@@ -6,7 +6,8 @@ import pytest
 from sqlalchemy import select
 
 from cleanmail import audit, learning, quarantine
-from cleanmail.models import Label, LearningEvent
+from cleanmail.filter import classifier
+from cleanmail.models import ClassifierModel, Label, LearningEvent
 from cleanmail.relay import Relay
 from tests.conftest import hold_message, login_as
 from tests.messages import message
@@ -94,3 +95,36 @@ def test_unknown_label_is_refused(database, store, owner):
     with database.session_scope() as session:
         with pytest.raises(learning.LearningError):
             learning.record(session, quarantine.get(session, held), "maybe", OPERATOR)
+
+
+def test_learning_job_folds_events_into_new_versions(database, store, owner):
+    ids = [hold_message(database, store, owner.id, message(subject=f"Offer {n}")) for n in range(5)]
+    assert learning.apply_pending(database, store) is None  # nothing waits: no new version
+    versions = []
+    for n, message_id in enumerate(ids):
+        with database.session_scope(write=True) as session:
+            row = quarantine.get(session, message_id)
+            # Without raw bytes or a store the event keeps no tokens: the job reads the store.
+            learning.record(session, row, "spam" if n % 2 else "ham", OPERATOR)
+        versions.append(learning.apply_pending(database, store))
+    assert versions == [1, 2, 3, 4, 5]
+    with database.session_scope() as session:
+        assert learning.pending(session) == []
+        applied = session.scalars(select(LearningEvent.applied_version).order_by(LearningEvent.id))
+        assert list(applied) == [1, 2, 3, 4, 5]
+        kept = session.scalars(select(ClassifierModel.id).order_by(ClassifierModel.id)).all()
+        assert kept == [3, 4, 5]  # older versions are pruned
+        version, model = learning.latest_model(session)
+    assert (version, model.ham, model.spam) == (5, 3, 2)
+    assert model.logit(classifier.indices(["subj:offer"])) != 0
+
+
+def test_a_second_writer_of_the_same_version_waits_its_turn(database):
+    with database.session_scope(write=True) as session:
+        base, model = learning.latest_model(session)
+        assert learning.save_model(session, model, base, source="train", actor="a") == 1
+    with database.session_scope(write=True) as session:
+        with pytest.raises(learning.ModelConflict):
+            learning.save_model(session, model, base, source="learn", actor="b")
+        # The failed insert left the session usable: the caller can start again.
+        assert learning.latest_model(session)[0] == 1

@@ -9,7 +9,8 @@ from typing import Any
 import click
 
 from cleanmail import config as config_module
-from cleanmail import db, lists, mailboxes, quarantine, store
+from cleanmail import db, learning, lists, mailboxes, quarantine, store
+from cleanmail.filter import classifier
 
 # Errors that mean "bad input or setup": one clear line and a non-zero exit, no traceback.
 CLEAR_ERRORS = (
@@ -19,6 +20,8 @@ CLEAR_ERRORS = (
     lists.ListError,
     quarantine.QuarantineError,
     store.StoreError,
+    learning.LearningError,
+    classifier.ModelError,
 )
 
 
@@ -85,7 +88,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 def main() -> None:
     """Entry point of the console script."""
-    from cleanmail.cli import daemons, data, demo, links, reports, scheduler  # noqa: F401 - registers the commands
+    from cleanmail.cli import daemons, data, demo, engine, links, reports, scheduler  # noqa: F401 - registers the commands
 
     try:
         cli.main(prog_name="cleanmail", standalone_mode=False)

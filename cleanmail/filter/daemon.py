@@ -13,7 +13,7 @@ import uvloop
 
 from cleanmail import db
 from cleanmail.config import Config
-from cleanmail.filter import auth, rules, server
+from cleanmail.filter import auth, learned, rules, server
 from cleanmail.filter.engines import Engine
 from cleanmail.filter.pipeline import Pipeline
 from cleanmail.filter.rspamd import RspamdEngine
@@ -31,7 +31,7 @@ def build_pipeline(config: Config, database: db.Database) -> Pipeline:
         database,
         Store(config.store_dir),
         Relay(config.relay, timeout=config.relay_timeout, hostname=config.hostname),
-        [rules.RulesEngine()] if "rules" in config.engines else [],
+        engines(config, database),
         auth.Authenticator(
             config.trusted_authserv_id,
             dns_timeout=config.dns_timeout,
@@ -39,6 +39,15 @@ def build_pipeline(config: Config, database: db.Database) -> Pipeline:
         ),
         external=external_engines(config),
     )
+
+
+def engines(config: Config, database: db.Database) -> list[Engine]:
+    """The embedded engines: the rules (unless left out of the engines), then the classifier."""
+    found: list[Engine] = [rules.RulesEngine()] if "rules" in config.engines else []
+    if config.classifier:
+        watcher = learned.ModelWatcher(database, every=config.classifier_reload)
+        found.append(learned.LearnedEngine(watcher))
+    return found
 
 
 def external_engines(config: Config) -> list[Engine]:
