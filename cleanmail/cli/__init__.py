@@ -88,7 +88,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 def main() -> None:
     """Entry point of the console script."""
-    from cleanmail.cli import daemons, data, demo, engine, links, reports, scheduler  # noqa: F401 - registers the commands
+    from cleanmail.cli import daemons, data, demo, engine, feedback, links, reports, scheduler  # noqa: F401 - registers the commands
 
     try:
         cli.main(prog_name="cleanmail", standalone_mode=False)

@@ -14,7 +14,7 @@ import uvloop
 from cleanmail import db
 from cleanmail.config import Config
 from cleanmail.filter import auth, learned, rules, server
-from cleanmail.filter.engines import Engine
+from cleanmail.filter.engines import Engine, ExternalEngine
 from cleanmail.filter.pipeline import Pipeline
 from cleanmail.filter.rspamd import RspamdEngine
 from cleanmail.filter.spamassassin import SpamAssassinEngine
@@ -50,9 +50,9 @@ def engines(config: Config, database: db.Database) -> list[Engine]:
     return found
 
 
-def external_engines(config: Config) -> list[Engine]:
+def external_engines(config: Config) -> list[ExternalEngine]:
     """The configured external engines (rspamd, spamd), in the configured order."""
-    built: list[Engine] = []
+    built: list[ExternalEngine] = []
     for name in config.external_engines:
         if name == "rspamd":
             built.append(

@@ -80,3 +80,11 @@ class Learner(Protocol):
     def learn(self, raw: bytes, *, spam: bool) -> None:
         """Teach the engine one message; raise LearnError when it cannot now."""
         ...
+
+
+class ExternalEngine(Engine, Learner, Protocol):
+    """An engine outside Cleanmail (rspamd, spamd): it scores, and learns from decisions."""
+
+    def close(self) -> None:
+        """Let go of kept-open connections."""
+        ...

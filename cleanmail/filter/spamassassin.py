@@ -83,6 +83,9 @@ class SpamAssassinEngine:
         except _ERRORS as exc:
             raise LearnError(f"spamd at {self.where} could not learn: {_describe(exc)}") from exc
 
+    def close(self) -> None:
+        """Nothing to let go of: spamd takes one request per connection."""
+
     @property
     def where(self) -> str:
         """spamd's address, for messages."""
