@@ -716,7 +716,7 @@ class RspamdServer(_ReapedServer):
     for ``/learnspam``, ``/learnham`` and ``/stat``, behind ``password`` even from
     loopback) listen on free ports; state (Bayes in SQLite, caches) lives in the private
     directory.  ``extra_local_d`` adds or replaces files in ``local.d``, e.g.
-    ``{"metadata_exporter.conf": "rules { ... }"}``.
+    ``{"metadata_exporter.conf": "rules { ... }"}``; ``workers`` normal workers check mail.
     """
 
     USER = "_rspamd"
@@ -741,10 +741,12 @@ class RspamdServer(_ReapedServer):
         *,
         extra_local_d: dict[str, str] | None = None,
         password: str = "cleanmail-test",
+        workers: int = 1,
     ) -> None:
         self.tmpdir = tmpdir
         self.extra_local_d = dict(extra_local_d or {})
         self.password = password
+        self.workers = workers
         self.user = self.USER if os.geteuid() == 0 else None
         self.port = 0
         self.controller_port = 0
@@ -780,7 +782,9 @@ class RspamdServer(_ReapedServer):
     def _write_config(self) -> None:
         assert self.dir is not None
         local = {
-            "worker-normal.inc": f'bind_socket = "127.0.0.1:{self.port}";\ncount = 1;\n',
+            "worker-normal.inc": (
+                f'bind_socket = "127.0.0.1:{self.port}";\ncount = {self.workers};\n'
+            ),
             "options.inc": (
                 'filters = "chartable,regexp";\n'
                 # A closed loopback port: any lookup that is left fails at once.
@@ -880,9 +884,11 @@ class SpamdServer(_ReapedServer):
         *,
         allow_tell: bool = True,
         local_cf: str = "",
+        children: int = 2,
     ) -> None:
         self.tmpdir = tmpdir
         self.allow_tell = allow_tell
+        self.children = children
         self.local_cf = local_cf
         self.user = self.USER if os.geteuid() == 0 else None
         self.host = "127.0.0.1"
@@ -927,7 +933,7 @@ class SpamdServer(_ReapedServer):
             f"--helper-home-dir={self.dir / 'home'}",
             f"--siteconfigpath={self.dir / 'site'}",
             "--configpath=/usr/share/spamassassin",
-            "--max-children=2",
+            f"--max-children={self.children}",
             "--min-children=1",
             "--min-spare=1",
             "--max-spare=1",
