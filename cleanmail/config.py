@@ -69,6 +69,7 @@ class Config:
     engines: tuple[str, ...] = ("rules",)
     engine_timeout: float = 10.0
     engine_fail_open: bool = False
+    engine_max_size: int = 1024 * 1024  # larger mail is left to the embedded engines
     rspamd_url: str = "http://127.0.0.1:11333"
     rspamd_controller_url: str = "http://127.0.0.1:11334"
     rspamd_password: str = ""
@@ -209,6 +210,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "engines": _engine_list,
     "engine_timeout": _positive_float,
     "engine_fail_open": _switch,
+    "engine_max_size": _positive_int,
     "rspamd_url": _base_url,
     "rspamd_controller_url": _base_url,
     "rspamd_password": str,

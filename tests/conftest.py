@@ -206,6 +206,7 @@ class FilterProcess:
             "CLEANMAIL_ENGINES": ",".join(c.engines),
             "CLEANMAIL_ENGINE_TIMEOUT": str(c.engine_timeout),
             "CLEANMAIL_ENGINE_FAIL_OPEN": "yes" if c.engine_fail_open else "no",
+            "CLEANMAIL_ENGINE_MAX_SIZE": str(c.engine_max_size),
             "CLEANMAIL_RSPAMD_URL": c.rspamd_url,
             "CLEANMAIL_RSPAMD_CONTROLLER_URL": c.rspamd_controller_url,
             "CLEANMAIL_RSPAMD_PASSWORD": c.rspamd_password,

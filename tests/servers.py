@@ -709,6 +709,55 @@ def http_request(
         return response.read()
 
 
+class NxDomainServer(_Server):
+    """A DNS server on 127.0.0.1 (UDP) that answers every query "no such domain" at once.
+
+    Daemons pointed at it finish their look-ups immediately instead of waiting for a
+    timeout, and nothing leaves the machine.
+    """
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Self:
+        """Bind a free UDP port and answer in a background thread; return self."""
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, args=(self._sock,), daemon=True)
+        self._thread.start()
+        return self
+
+    @staticmethod
+    def _serve(sock: socket.socket) -> None:
+        import dns.message
+        import dns.rcode
+
+        while True:
+            try:
+                data, peer = sock.recvfrom(4096)
+            except OSError:
+                return  # closed by stop()
+            try:
+                reply = dns.message.make_response(dns.message.from_wire(data))
+            except Exception:
+                continue  # not a DNS query: no answer
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+            with contextlib.suppress(OSError):
+                sock.sendto(reply.to_wire(), peer)
+
+    def stop(self) -> None:
+        """Close the socket, which ends the thread."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+
 class RspamdServer(_ReapedServer):
     """A private rspamd on 127.0.0.1: Debian's configuration, our local.d, no network checks.
 
@@ -747,6 +796,7 @@ class RspamdServer(_ReapedServer):
         self.extra_local_d = dict(extra_local_d or {})
         self.password = password
         self.workers = workers
+        self._dns = NxDomainServer()
         self.user = self.USER if os.geteuid() == 0 else None
         self.port = 0
         self.controller_port = 0
@@ -765,6 +815,7 @@ class RspamdServer(_ReapedServer):
 
     def start(self) -> Self:
         """Write the configuration and start rspamd in the foreground; return self."""
+        self._dns.start()
         self.dir = _private_dir("cleanmail-rspamd-", self.tmpdir, self.user)
         for name in ("local.d", "override.d", "db", "run", "log"):
             (self.dir / name).mkdir(mode=0o755)
@@ -787,8 +838,8 @@ class RspamdServer(_ReapedServer):
             ),
             "options.inc": (
                 'filters = "chartable,regexp";\n'
-                # A closed loopback port: any lookup that is left fails at once.
-                f'dns {{ nameserver = ["127.0.0.1:{free_port()}"]; timeout = 0.2s; '
+                # Look-ups that are left (the client's reverse DNS) fail at once.
+                f'dns {{ nameserver = ["127.0.0.1:{self._dns.port}"]; timeout = 1s; '
                 "retransmits = 1; }\n"
             ),
             "classifier-bayes.conf": (
@@ -853,6 +904,11 @@ class RspamdServer(_ReapedServer):
 
     def _urls(self) -> tuple[str, str]:
         return self.url, self.controller_url
+
+    def stop(self) -> None:
+        """Stop rspamd, remove its directory, and stop its DNS server."""
+        super().stop()
+        self._dns.stop()
 
     def log(self) -> str:
         """rspamd's own log and anything it printed."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import smtplib
 import time
 from email import message_from_bytes
@@ -16,7 +17,7 @@ from cleanmail.filter.rspamd import RspamdEngine
 from cleanmail.models import Message
 from tests.conftest import FilterProcess
 from tests.messages import GTUBE, message
-from tests.servers import RspamdServer, free_port
+from tests.servers import RspamdServer, free_port, http_request
 
 ENVELOPE = Envelope("kari@example.com", ("ola@example.no",), "192.0.2.10", "mail.example.com")
 SPAM = message(subject="You have won", body=f"{GTUBE}\n")
@@ -74,11 +75,24 @@ def test_gtube_is_rejected_with_its_symbol(rspamd_server):
     assert "rspamd: GTUBE" in gtube.text
 
 
-def test_ordinary_mail_passes(rspamd_server):
-    result = engine(rspamd_server).check(mime.parse(HAM), ENVELOPE)
+def test_ordinary_mail_passes_and_rspamd_sees_the_envelope(rspamd_server):
+    envelope = dataclasses.replace(ENVELOPE, client_name="mail.example.com")
+    ham = mime.parse(message(subject="Dinner on Saturday?"))  # its own Message-ID
+    result = engine(rspamd_server).check(ham, envelope)
     assert result.verdict == "pass"
     assert result.score < 6
     assert all(hit.score > 0 for hit in result.hits)  # rules that lowered the score are no reasons
+    history = json.loads(
+        http_request(
+            f"{rspamd_server.controller_url}/history",
+            headers={"Password": rspamd_server.password},
+        )
+    )
+    (latest,) = [row for row in history if row["id"] == ham.header("Message-ID")[1:-1]]
+    assert latest["ip"] == "192.0.2.10"
+    assert "FROM_EQ_ENVFROM" in latest["symbols"]  # the envelope sender arrived
+    assert "TO_MATCH_ENVRCPT_ALL" in latest["symbols"]  # and the recipient
+    assert not any(name.startswith("RDNS_") for name in latest["symbols"])  # the name too
 
 
 def test_a_stopped_rspamd_is_an_engine_error():
@@ -229,3 +243,14 @@ def test_a_hung_rspamd_gives_451_within_the_engine_timeout(
     assert code == 451
     assert time.monotonic() - started < 5
     assert smtp_sink.messages == [] and held(database) == []
+
+
+def test_big_mail_is_left_to_the_embedded_engines(owner, config, database, smtp_sink, start_filter):
+    gone = f"http://127.0.0.1:{free_port()}"
+    small_limit = dataclasses.replace(
+        config, engines=("rules", "rspamd"), engine_max_size=len(HAM) - 1, rspamd_url=gone
+    )
+    thread = start_filter(small_limit)
+    assert send(thread.port, HAM)[0] == 250  # rspamd is down, but it was not asked
+    smtp_sink.wait_for(1)
+    assert send(thread.port, message(subject="Hi", body="short"))[0] == 451  # this one it is

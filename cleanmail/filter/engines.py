@@ -24,6 +24,7 @@ class Envelope:
     client_address: str | None = None
     client_helo: str | None = None
     mail_options: tuple[str, ...] = ()  # MAIL FROM parameters, e.g. BODY=8BITMIME, SMTPUTF8
+    client_name: str | None = None  # the client's reverse-DNS name as Postfix found it
 
 
 @dataclass(frozen=True)

@@ -208,8 +208,14 @@ class Pipeline:
         An engine that fails raises EngineError (the filter answers 451), unless the site
         chose to fail open: then the message goes on with the other engines' verdict and
         a reason saying which engine was unavailable. The next engine is asked only about
-        recipients that would still pass.
+        recipients that would still pass. Mail over ``engine_max_size`` is not sent.
         """
+        size = len(analysis.parsed.raw)
+        if size > self.config.engine_max_size:
+            # As spamc does: big mail is slow to scan and rarely spam; a timeout would
+            # keep it in Postfix's queue for good.
+            log.info("not sending %d bytes to the external engines", size)
+            return
         for engine in self.external:
             try:
                 result = engine.check(analysis.parsed, analysis.envelope)

@@ -1,10 +1,11 @@
 """rspamd as an external verdict engine, over its HTTP protocol.
 
 ``/checkv2`` on the normal worker scores a message; the envelope travels in the request
-headers rspamd reads (``From``, ``Rcpt``, ``IP``, ``Helo``). rspamd's action becomes our
-verdict (see ``ACTIONS``) and its symbols our reasons (cleanmail/filter/symbols.py).
-Learning goes to the controller (``/learnspam``, ``/learnham``), which wants the
-controller password. One ``httpx.Client`` per filter process keeps connections open.
+headers rspamd reads (``From``, ``Rcpt``, ``IP``, ``Helo``, ``Hostname``). rspamd's
+action becomes our verdict (see ``ACTIONS``) and its symbols our reasons
+(cleanmail/filter/symbols.py). Learning goes to the controller (``/learnspam``,
+``/learnham``), which wants the controller password. One ``httpx.Client`` per filter
+process keeps connections open.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class RspamdEngine:
             headers.append(("IP", _header(envelope.client_address)))
         if envelope.client_helo:
             headers.append(("Helo", _header(envelope.client_helo)))
+        if envelope.client_address and envelope.client_name:
+            # Postfix looked the name up already ("unknown" when there is none).
+            headers.append(("Hostname", _header(envelope.client_name)))
         try:
             response = self.client.post(f"{self.url}/checkv2", content=message.raw, headers=headers)
         except httpx.HTTPError as exc:

@@ -276,6 +276,7 @@ class Handler:
             client_address=forwarded.get("ADDR") or None,
             client_helo=forwarded.get("HELO"),
             mail_options=tuple(o.upper() for o in envelope.mail_options),
+            client_name=forwarded.get("NAME") or None,
         )
         job = _Job()
         future = loop.run_in_executor(self.executor, self._run, job, raw, check_envelope)
