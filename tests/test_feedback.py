@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from datetime import timedelta
 
 from click.testing import CliRunner
@@ -32,22 +33,20 @@ def lessons(database) -> list[EngineLesson]:
 
 
 def decide(database, store, config, owner, tag: str) -> tuple[int, int]:
-    """An owner releases one held message and blocks the sender of another: their ids."""
+    """An owner releases one held message and blocks the sender of another: their ids.
+
+    The daemons live for the whole session and their Bayes classifiers skip mail they
+    are already sure of, so each call makes messages of words they have never seen.
+    """
+
+    def words() -> str:
+        return " ".join(uuid.uuid4().hex[:10] for _ in range(30))
+
     wanted = hold_message(
-        database,
-        store,
-        owner.id,
-        message(
-            subject=f"Invoice {tag}", body=f"Your invoice {tag} for November is attached. " * 5
-        ),
+        database, store, owner.id, message(subject=f"Invoice {tag}", body=words())
     )
     unwanted = hold_message(
-        database,
-        store,
-        owner.id,
-        message(
-            subject=f"Pills {tag}", body=f"Cheap pills {tag}, buy now, best price online! " * 5
-        ),
+        database, store, owner.id, message(subject=f"Pills {tag}", body=words())
     )
     relay = Relay(config.relay, timeout=10, hostname="test")
     with database.session_scope(write=True) as session:
@@ -154,3 +153,27 @@ def test_cleanmail_engine_feedback_sends_and_reports(rspamd_server, owner, confi
     assert result.exit_code == 0, result.output
     assert "rspamd: sent 2, will retry 0, gave up 0" in result.output
     assert "rspamd: learned 2, waiting 0, failed 0" in result.output
+
+
+def test_the_scheduler_job_sends_lessons_to_the_configured_engine(
+    rspamd_server, owner, config, database, store, monkeypatch
+):
+    from cleanmail import scheduler
+
+    decide(database, store, config, owner, "g")
+    configured = dataclasses.replace(
+        config,
+        engines=("rules", "rspamd"),
+        engine_timeout=2.0,
+        rspamd_url=rspamd_server.url,
+        rspamd_controller_url=rspamd_server.controller_url,
+        rspamd_password=rspamd_server.password,
+    )
+    monkeypatch.setattr(scheduler, "_runtime", scheduler.Runtime(configured, database))
+    assert scheduler.JOBS["feedback"][0] is scheduler.feedback_job
+    before = rspamd_server.learned()
+    scheduler.feedback_job()
+    assert rspamd_server.learned() == before + 2
+    monkeypatch.setattr(scheduler, "_runtime", scheduler.Runtime(config, database))
+    scheduler.feedback_job()  # no external engine configured: nothing to do, no error
+    assert feedback.summary(database) == {"rspamd": {"learned": 2, "waiting": 0, "failed": 0}}

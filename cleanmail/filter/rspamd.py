@@ -104,8 +104,9 @@ class RspamdEngine:
                 return
             raise LearnError(f"rspamd did not learn the message: {_body(response)}")
         if response.status_code == 204:
-            # Too little text to learn from: there is nothing to retry.
-            log.info("rspamd had too little to learn from a message")
+            # rspamd chose not to learn: its classifier is already sure of this kind of
+            # message, or there is too little text. Nothing to retry.
+            log.info("rspamd did not need to learn a message")
             return
         if "already learned" in response.text:
             return  # the same lesson twice is no error
