@@ -25,7 +25,7 @@ SPAM = message(subject="You have won", body=f"{GTUBE}\n")
 HAM = message()
 
 
-def engine(rspamd: RspamdServer, *, timeout: float = 5.0, password: str | None = None):
+def engine(rspamd: RspamdServer, *, timeout: float = 30.0, password: str | None = None):
     """An engine for the test rspamd."""
     return RspamdEngine(
         rspamd.url,
@@ -48,7 +48,9 @@ def with_rspamd(config, rspamd: RspamdServer, **changes):
     """The test's configuration with rspamd as its only engine, unless told otherwise."""
     settings = {
         "engines": ("rspamd",),
-        "engine_timeout": 5.0,
+        # Generous: the machine running the tests may be busy.
+        "verdict_timeout": 60.0,
+        "engine_timeout": 30.0,
         "rspamd_url": rspamd.url,
         "rspamd_controller_url": rspamd.controller_url,
         "rspamd_password": rspamd.password,

@@ -24,7 +24,7 @@ SPAM = message(subject="You have won", body=f"{GTUBE}\n")
 HAM = message()
 
 
-def engine(spamd: SpamdServer, *, timeout: float = 10.0) -> SpamAssassinEngine:
+def engine(spamd: SpamdServer, *, timeout: float = 30.0) -> SpamAssassinEngine:
     """An engine for the test spamd."""
     return SpamAssassinEngine(spamd.host, spamd.port, timeout=timeout)
 
@@ -110,7 +110,8 @@ def test_cleanmail_filter_with_spamassassin(spamd_server, owner, config, databas
     configured = dataclasses.replace(
         config,
         engines=("spamassassin",),
-        engine_timeout=5.0,
+        verdict_timeout=60.0,
+        engine_timeout=30.0,
         spamd_host=spamd_server.host,
         spamd_port=spamd_server.port,
     )
