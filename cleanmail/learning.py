@@ -9,20 +9,22 @@ waiting events into a new classifier model version, which every filter then load
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from cleanmail import audit, db, mime
 from cleanmail.filter import classifier, tokenizer
-from cleanmail.models import ClassifierModel, Label, LearningEvent, Message
+from cleanmail.models import ClassifierModel, Label, LearningEvent, Message, utcnow
 from cleanmail.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("release", "block", "mark", "train")
 BATCH = 500  # events per model version; the job runs again for the rest
+KEEP_DAYS = 30  # applied events are kept this long, for people (and engines) to look back
 KEEP_VERSIONS = 3  # older model rows are deleted; a filter loads only the newest
 
 
@@ -143,9 +145,22 @@ def save_model(
     return version
 
 
-def apply_pending(database: db.Database, store: Store | None = None) -> int | None:
-    """Fold the waiting events into a new model version; its number, or None if none waited."""
+def forget_applied(session: Session, before: datetime) -> int:
+    """Delete events that a model took in and that are older than ``before``; how many."""
+    done = LearningEvent.applied_version.is_not(None) & (LearningEvent.at < before)
+    return session.execute(delete(LearningEvent).where(done)).rowcount or 0
+
+
+def apply_pending(
+    database: db.Database, store: Store | None = None, *, keep_days: int = KEEP_DAYS
+) -> int | None:
+    """Fold the waiting events into a new model version; its number, or None if none waited.
+
+    Events a model took in more than ``keep_days`` ago are deleted on the way: the
+    model holds their lesson, and the row only kept their tokens.
+    """
     with database.session_scope(write=True) as session:
+        forget_applied(session, utcnow() - timedelta(days=keep_days))
         events = pending(session)
         if not events:
             return None
@@ -158,8 +173,3 @@ def apply_pending(database: db.Database, store: Store | None = None) -> int | No
         mark_applied(session, events, version)
     log.info("learning: model version %d took in %d events", version, len(events))
     return version
-
-
-def model_versions(session: Session) -> int:
-    """How many model versions are stored."""
-    return session.scalar(select(func.count()).select_from(ClassifierModel)) or 0

@@ -10,7 +10,8 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import select
+from hypothesis import HealthCheck, given, settings
+from sqlalchemy import func, select
 
 from cleanmail import audit, learning, mailboxes, mime, quarantine
 from cleanmail.cli import cli, engine
@@ -18,9 +19,11 @@ from cleanmail.config import Endpoint
 from cleanmail.filter import classifier, engines, learned, tokenizer
 from cleanmail.models import ClassifierModel, Mailbox, Message, Status
 from cleanmail.relay import Relay
+from tests import test_filter_hostile as hostile
 from tests.conftest import FilterProcess, login_as
 from tests.messages import message
 from tests.servers import free_port
+from tests.test_mime import broken_mime
 
 OPERATOR = audit.Actor("operator", "test")
 HAM_WORDS = (
@@ -288,3 +291,25 @@ def test_owner_reads_why_in_their_language(run, folders, owner, client, filter_s
         session.get(Mailbox, owner.id).language = "nb"
     page = client.get(f"/messages/{message_id}").get_data(as_text=True)
     assert "Formuleringer kjent fra spam (" in page
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=broken_mime())
+def test_tokenizer_and_score_never_raise_on_broken_mime(raw):
+    model = classifier.Model.empty()
+    model.learn(classifier.indices(["subj:offer", "cheap"]), True)
+    model.learn(classifier.indices(["subj:lunch", "friday"]), False)
+    tokens = tokenizer.tokenize(mime.parse(raw))
+    assert len(tokens) <= tokenizer.MAX_TOKENS
+    result = learned.score(model, tokens)
+    assert learned.MIN_POINTS <= result.score <= learned.MAX_POINTS
+
+
+def test_trained_filter_takes_hostile_mail(run, folders, owner, filter_server, smtp_sink, database):
+    run("engine", "train", "--ham", str(folders[0]), "--spam", str(folders[1]))
+    for raw in hostile.HOSTILE.values():
+        assert send(filter_server.port, raw, sender="a@example.com") == 250
+    assert filter_server.pipeline.engines[-1].watcher.version == 1  # scored with the model
+    with database.session_scope() as session:
+        kept = session.scalar(select(func.count()).select_from(Message))
+    assert kept + len(smtp_sink.messages) == len(hostile.HOSTILE)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
-from cleanmail import audit, learning, quarantine
-from cleanmail.filter import classifier
+from cleanmail import audit, learning, mime, quarantine, scheduler
+from cleanmail.filter import classifier, engines, learned
 from cleanmail.models import ClassifierModel, Label, LearningEvent
 from cleanmail.relay import Relay
 from tests.conftest import hold_message, login_as
@@ -117,6 +117,11 @@ def test_learning_job_folds_events_into_new_versions(database, store, owner):
         version, model = learning.latest_model(session)
     assert (version, model.ham, model.spam) == (5, 3, 2)
     assert model.logit(classifier.indices(["subj:offer"])) != 0
+    with database.session_scope(write=True) as session:  # one event still waits
+        learning.record(session, quarantine.get(session, ids[0]), "ham", OPERATOR, store=store)
+    assert learning.apply_pending(database, store, keep_days=0) == 6
+    (left,) = events(database)  # applied events past their keeping time are gone
+    assert left.applied_version == 6
 
 
 def test_a_second_writer_of_the_same_version_waits_its_turn(database):
@@ -128,3 +133,23 @@ def test_a_second_writer_of_the_same_version_waits_its_turn(database):
             learning.save_model(session, model, base, source="learn", actor="b")
         # The failed insert left the session usable: the caller can start again.
         assert learning.latest_model(session)[0] == 1
+
+
+def test_scheduler_job_learns_and_a_barely_trained_model_stays_silent(
+    config, database, store, owner
+):
+    held = hold_message(database, store, owner.id, message(subject="Cheap pills"))
+    with database.session_scope(write=True) as session:
+        learning.record(session, quarantine.get(session, held), "spam", OPERATOR, store=store)
+    scheduler._runtime = scheduler.Runtime(config, database)
+    try:
+        scheduler.learning_job()
+    finally:
+        scheduler._runtime = None
+    watcher = learned.ModelWatcher(database)
+    assert watcher.current() is not None and watcher.version == 1
+    # One lesson is no basis for a verdict: the engine adds nothing yet.
+    result = learned.LearnedEngine(watcher).check(
+        mime.parse(message(subject="Cheap pills")), engines.Envelope("", ())
+    )
+    assert result == engines.EngineResult(0.0, ())

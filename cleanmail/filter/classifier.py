@@ -1,16 +1,20 @@
 """The learning classifier: online logistic regression over hashed message tokens.
 
-Why our own few lines rather than scikit-learn: measured on the corpus (5-fold by file
-name hash, bench/accuracy.py), scikit-learn's ``HashingVectorizer`` + ``SGDClassifier``
-(log loss) and this model reach the same accuracy, because they are the same model:
-logistic regression on binary hashed features, scaled to unit length, L2-regularised.
-But scoring one message through scikit-learn (build a sparse matrix, then
-``decision_function``) took 330 µs, against 22 µs for a numpy lookup-and-sum here, and
-the filter scores messages one at a time; with 370 µs for the tokens, only this one
-stays above 2,000 messages a second on one core. Its state is also just two arrays and
-a few numbers, saved with ``numpy.savez`` (no pickle, so a database row can never run
-code when loaded), and online updates use AdaGrad's per-feature step size, which needs
-no learning-rate schedule to carry between runs.
+Why our own few lines rather than scikit-learn, decided by measurement on the shared
+corpus (5-fold by file-name hash, the same tokens for both):
+
+- Accuracy: ``HashingVectorizer`` + ``SGDClassifier`` (log loss, best alpha of three)
+  caught 97.2 % of spam at 0.42 % ham false positives once combined with the rules
+  at threshold 5; this model, which is the same logistic regression on binary hashed
+  features scaled to unit length but with AdaGrad's per-feature step size, caught
+  97.3 % at 0.21 %. (scikit-learn's naive Bayes learners were far behind: 57-63 %.)
+- Speed: the filter scores one message at a time. Through scikit-learn (a sparse
+  matrix per message, then ``decision_function``) that took 370-440 µs a message;
+  a numpy lookup-and-sum here takes 43-46 µs in the same run. Only this one leaves
+  the filter enough room for 2,000 classifications a second on one core.
+- State: two arrays and a few numbers, saved with ``numpy.savez`` and read with
+  ``allow_pickle=False``, so a database row can never run code when loaded; and
+  AdaGrad needs no learning-rate schedule carried between online updates.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import io
 import json
 import math
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,11 +42,24 @@ class ModelError(ValueError):
     """A stored model cannot be read (wrong format or damaged)."""
 
 
-def indices(tokens: Iterable[str]) -> np.ndarray:
-    """The distinct hashed feature indices of some tokens (CRC-32: stable across processes)."""
-    crc = zlib.crc32
-    found = {crc(token.encode("utf-8", "surrogatepass")) & MASK for token in tokens}
-    return np.fromiter(found, dtype=np.int64, count=len(found))
+def hashes(tokens: Sequence[str]) -> np.ndarray:
+    """Each token's feature index, in order (CRC-32: the same in every process)."""
+    if not tokens:
+        return np.zeros(0, np.int64)
+    # One encode and one split, then crc32 over the pieces: no Python code per token.
+    pieces = "\n".join(tokens).encode("utf-8", "surrogatepass").split(b"\n")
+    if len(pieces) != len(tokens):  # a token with a line break: one at a time, in order
+        pieces = [token.encode("utf-8", "surrogatepass") for token in tokens]
+    return np.fromiter(map(zlib.crc32, pieces), dtype=np.int64, count=len(pieces)) & MASK
+
+
+def indices(tokens: Sequence[str]) -> np.ndarray:
+    """The feature indices of some distinct tokens.
+
+    Two tokens whose hashes collide count twice: rare (a few in a thousand messages),
+    the same in training and scoring, and cheaper than sorting out duplicates.
+    """
+    return hashes(tokens)
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import zlib
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -75,13 +74,10 @@ def explain(model: classifier.Model, tokens: list[str], score: float) -> tuple[e
         return ()
     if score < 0:
         return (engines.Hit(HAM_HIT[0], score, HAM_HIT[1]),)
-    weights = model.weights
+    weights = model.weights[classifier.hashes(tokens)]
     shares: dict[str, float] = {}
     words: list[tuple[float, str]] = []
-    for token in tokens:
-        weight = float(
-            weights[zlib.crc32(token.encode("utf-8", "surrogatepass")) & classifier.MASK]
-        )
+    for token, weight in zip(tokens, weights.tolist(), strict=False):
         if weight <= 0:
             continue
         what = kind(token)
