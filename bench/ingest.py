@@ -7,6 +7,11 @@ matters is the ratio of the filter's throughput to the bare relay's in the same 
     .venv/bin/python bench/ingest.py [--messages 5000] [--connections 8]
         [--client-processes 2] [--filter-workers N] [--skip-memory]
         [--database sqlite|postgresql] [--classifier on|off] [--profile FILE [--profile-gil]]
+        [--engine rspamd|spamassassin]
+
+With ``--engine``, a second filter run chains a private rspamd or spamd (Debian's
+packages, no network checks) after the embedded engines, and its rate is printed
+beside the first run's (embedded engines only) and the bare relay's.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from aiosmtpd.smtp import SMTP, Envelope, Session  # noqa: E402
 
-from tests.servers import PostgresServer, free_port  # noqa: E402
+from tests.servers import PostgresServer, RspamdServer, SpamdServer, free_port  # noqa: E402
 
 CORPUS = Path(os.environ.get("CLEANMAIL_CORPUS", "") or ROOT.parent / "shared" / "corpus")
 CLEANMAIL = ROOT / ".venv" / "bin" / "cleanmail"
@@ -685,6 +690,59 @@ def measure_memory(setup: Installation, sink_port: int, warmup: Sequence[Message
             "seconds": seconds, "hwm_reset": hwm_reset}
 
 
+@contextlib.contextmanager
+def external_engine(name: str, tmp: Path) -> Iterator[dict[str, str]]:
+    """A private rspamd or spamd with two checking processes; the settings that use it."""
+    engines = f"rules,{name}"
+    if name == "rspamd":
+        with RspamdServer(tmp, workers=2) as rspamd:
+            yield {"CLEANMAIL_ENGINES": engines, "CLEANMAIL_RSPAMD_URL": rspamd.url,
+                   "CLEANMAIL_RSPAMD_CONTROLLER_URL": rspamd.controller_url,
+                   "CLEANMAIL_RSPAMD_PASSWORD": rspamd.password}
+    else:
+        with SpamdServer(tmp, children=4) as spamd:
+            yield {"CLEANMAIL_ENGINES": engines, "CLEANMAIL_SPAMD_HOST": spamd.host,
+                   "CLEANMAIL_SPAMD_PORT": str(spamd.port)}
+
+
+def measure_engine(messages: Sequence[Message], args: argparse.Namespace, setup: Installation,
+                   sink_port: int, counter: Any, tmp: Path, relay: BatchResult,
+                   first: BatchResult) -> BatchResult:
+    """The filter again, with an external engine chained after the embedded ones."""
+    started = time.monotonic()
+    with external_engine(args.engine, tmp) as settings:
+        print(f"{args.engine} started in {time.monotonic() - started:.1f} s")
+        plain = dict(setup.env)
+        setup.env.update(settings)
+        try:
+            result = measure_filter(messages, args, setup, sink_port, counter, tmp)
+        finally:
+            setup.env.clear()
+            setup.env.update(plain)
+    held = (result.quarantined or 0) - (first.quarantined or 0)
+    print(f"\nWith {args.engine} chained after the embedded engines (same run, same messages):")
+    rows = [
+        ("", f"+ {args.engine}", "embedded only", "bare relay"),
+        ("messages/s", f"{result.rate:.0f}", f"{first.rate:.0f}", f"{relay.rate:.0f}"),
+        ("latency p50 ms", f"{result.percentile(0.50):.1f}", f"{first.percentile(0.50):.1f}",
+         f"{relay.percentile(0.50):.1f}"),
+        ("latency p95 ms", f"{result.percentile(0.95):.1f}", f"{first.percentile(0.95):.1f}",
+         f"{relay.percentile(0.95):.1f}"),
+        ("reached the sink", str(result.reached_sink), str(first.reached_sink),
+         str(relay.reached_sink)),
+        # The quarantine keeps one copy per message and mailbox: the second run adds
+        # only what the external engine held and the embedded engines did not.
+        ("held in addition", str(held), "-", "-"),
+        ("non-250 replies", str(sum(result.failures.values())),
+         str(sum(first.failures.values())), str(sum(relay.failures.values()))),
+    ]
+    for row in rows:
+        print(f"  {row[0]:<22}{row[1]:>16}{row[2]:>16}{row[3]:>16}")
+    for code, count in sorted(result.failures.items()):
+        print(f"  + {args.engine} failures {code}: {count}  e.g. {result.samples.get(code, '')}")
+    return result
+
+
 def reset_peak(pid: int) -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0, needs permission); report success."""
     try:
@@ -783,6 +841,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--classifier", choices=("on", "off"), default="on",
                         help="train the learning classifier on the corpus and score with it")
+    parser.add_argument("--engine", choices=("rspamd", "spamassassin"), default=None,
+                        help="measure again with this external engine chained after the rules")
     parser.add_argument("--profile", type=Path, default=None,
                         help="record the filter with py-spy into this raw (collapsed) file")
     parser.add_argument("--profile-gil", action="store_true",
@@ -812,6 +872,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         filt = measure_filter(messages, args, setup, sink_port, counter, tmp)
         print(f"filter: {filt.rate:.0f} messages/s")
         print_table(args, relay, filt, gtube_count)
+        if args.engine:
+            measure_engine(messages, args, setup, sink_port, counter, tmp, relay, filt)
         if not args.skip_memory:
             warmup = [m for m in messages[:20] if not m.gtube][:5]
             print_memory(measure_memory(setup, sink_port, warmup, tmp, args.filter_workers))

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     func,
     text,
 )
@@ -396,6 +397,8 @@ class BulkJob(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class Label(enum.StrEnum):
     """What a person's decision says a message is, for the learning classifier."""
 
@@ -442,3 +445,30 @@ class ClassifierModel(Base):
     ham_count: Mapped[int] = mapped_column(Integer, default=0)
     spam_count: Mapped[int] = mapped_column(Integer, default=0)
     state: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class EngineLesson(Base):
+    """A learning event on its way to one external engine (rspamd, spamd).
+
+    ``outcome`` is None while the lesson waits (``next_try_at`` says when it is tried
+    again), then "learned", or "failed" once the feedback job gave up; ``last_error``
+    keeps the engine's last answer for operators.
+    """
+
+    __tablename__ = "engine_lessons"
+    __table_args__ = (
+        UniqueConstraint("event_id", "engine", name="uq_engine_lessons_event_engine"),
+        Index("ix_engine_lessons_due", "engine", "outcome", "next_try_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    event_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("learning_events.id", ondelete="CASCADE"),
+    )
+    engine: Mapped[str] = mapped_column(String(32))
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_try_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    done_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -99,6 +99,7 @@ def main() -> None:
         data,
         demo,
         engine,
+        feedback,
         links,
         reports,
         scheduler,
