@@ -709,6 +709,7 @@ virtual_transport = virtual
     _MASTER_CF_EXTRA: ClassVar[str] = """\
 virtual   unix  -       n       n       -       -       virtual
 """
+
     def __init__(
         self, tmpdir: str | os.PathLike[str] | None, sink_port: int, addresses: list[str]
     ) -> None:
