@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import re
 import email.policy
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -292,3 +293,86 @@ def test_a_release_link_asks_before_it_releases(
     with database.session_scope() as session:
         assert session.get(Message, message_id).status == "released"
     assert client.get("/r/not-a-token").status_code == 400
+
+
+@pytest.mark.parametrize("refusal", ["451 4.3.0 try later", "554 5.7.1 not now"])
+def test_refused_reports_show_in_status_and_go_out_later(
+    database, store, config, smtp_sink, owner, refusal
+):
+    """A relay that refuses (for now or for good) leaves the report waiting, visibly."""
+    hold(database, store, owner.id, "Patience")
+    env = FilterProcess(config).environment()
+    runner = CliRunner()
+    smtp_sink.refuse = refusal
+    refused = runner.invoke(cli, ["reports", "send", "--now"], env=env)
+    assert refused.exit_code == 1 and "prepared 1, sent 0, failed 1" in refused.output
+    shown = runner.invoke(cli, ["reports", "status"], env=env).output
+    assert "(cli), finished " in shown and "sent 0, failed 1" in shown
+    assert "pending: 1 (retrying: 1)" in shown and "sent: 0" in shown
+    assert "1 attempts, next " in shown and refusal in shown
+    # Too early for the next attempt: the run sends nothing and loses nothing.
+    smtp_sink.refuse = None
+    early = runner.invoke(cli, ["reports", "send", "--now"], env=env)
+    assert "prepared 0, sent 0, failed 0" in early.output and smtp_sink.messages == []
+    # A minute later (the first backoff), the next run sends it.
+    with database.session_scope(write=True) as session:
+        report = session.scalars(select(Report)).one()
+        report.next_attempt_at -= reports.BACKOFF[0]
+    later = runner.invoke(cli, ["reports", "send", "--now"], env=env)
+    assert later.exit_code == 0 and "prepared 0, sent 1, failed 0" in later.output
+    (received,) = smtp_sink.wait_for(1)
+    _parsed, text, _html = parts(received)
+    assert "Patience" in text
+    shown = runner.invoke(cli, ["reports", "status"], env=env).output
+    assert "sent 1, failed 0" in shown and "pending: 0 (retrying: 0)" in shown
+    assert "sent: 1" in shown
+
+
+def run_command(args: list[str], env: dict[str, str], *, terminal: bool) -> tuple[int, str]:
+    """``python -m cleanmail ARGS`` as a process, in a pseudo-terminal or on pipes."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "cleanmail", *args]
+    if not terminal:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        return done.returncode, done.stdout + done.stderr
+    main, child = pty.openpty()
+    process = subprocess.Popen(
+        command, env={**env, "TERM": "xterm"}, stdin=child, stdout=child, stderr=child
+    )
+    os.close(child)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main)
+    return process.wait(60), output.decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_progress_bar_only_in_a_terminal(database, store, config, smtp_sink, owner, terminal):
+    with database.session_scope(write=True) as session:
+        extra = [
+            mailboxes.add_mailbox(session, quarantine_actor(), f"p{n}@example.no").id
+            for n in range(4)
+        ]
+    for mailbox_id in [owner.id, *extra]:
+        hold(database, store, mailbox_id, f"Spam for {mailbox_id}")
+    env = FilterProcess(config).environment()
+    code, output = run_command(["reports", "send", "--now"], env, terminal=terminal)
+    assert code == 0, output
+    assert "prepared 5, sent 5, failed 0" in output
+    assert len(smtp_sink.wait_for(5)) == 5
+    if terminal:
+        assert "Sending reports" in output and "100%" in output
+        assert re.search(r"\[#+\]", output), output
+    else:
+        assert "Sending reports" not in output and "%" not in output and "#" not in output
