@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import email
-import re
 import email.policy
+import os
+import pty
+import re
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from urllib.parse import urlsplit
@@ -330,11 +334,6 @@ def test_refused_reports_show_in_status_and_go_out_later(
 
 def run_command(args: list[str], env: dict[str, str], *, terminal: bool) -> tuple[int, str]:
     """``python -m cleanmail ARGS`` as a process, in a pseudo-terminal or on pipes."""
-    import os
-    import pty
-    import subprocess
-    import sys
-
     command = [sys.executable, "-m", "cleanmail", *args]
     if not terminal:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
