@@ -61,6 +61,8 @@ class Config:
     trusted_proxies: int = 0
     mail_from: str = ""
     log_level: str = "INFO"
+    # Quarantine reports: relay connections sending at once.
+    report_senders: int = 4
 
     @property
     def store_dir(self) -> Path:
@@ -156,6 +158,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "trusted_proxies": int,
     "mail_from": str,
     "log_level": _log_level,
+    "report_senders": _positive_int,
 }
 
 DEFAULTS: dict[str, str] = {
