@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 import cleanmail.cli.reports  # noqa: F401 - registers the commands
 from cleanmail import mailboxes, mime, quarantine, reports
@@ -375,3 +375,58 @@ def test_a_progress_bar_only_in_a_terminal(database, store, config, smtp_sink, o
         assert re.search(r"\[#+\]", output), output
     else:
         assert "Sending reports" not in output and "%" not in output and "#" not in output
+
+
+def test_a_run_killed_mid_send_and_restarted_sends_each_owner_one_report(
+    database, store, config, smtp_sink, owner
+):
+    """SIGKILL while the relay takes the 40th report; the restart sends the rest, once each."""
+    with database.session_scope(write=True) as session:
+        extra = [
+            mailboxes.add_mailbox(session, quarantine_actor(), f"k{n}@example.no").id
+            for n in range(99)
+        ]
+    for mailbox_id in [owner.id, *extra]:
+        hold(database, store, mailbox_id, f"Spam for {mailbox_id}")
+    env = {**FilterProcess(config).environment(), "CLEANMAIL_REPORT_SENDERS": "1"}
+    command = [sys.executable, "-m", "cleanmail", "reports", "send", "--now"]
+    arrived = 0
+    first: subprocess.Popen[bytes] | None = None
+
+    def kill_at_the_40th(_message) -> None:
+        nonlocal arrived
+        arrived += 1
+        if arrived == 40:
+            assert first is not None
+            first.kill()  # SIGKILL while the sender waits for our answer to its DATA
+            first.wait(10)
+            raise RuntimeError("killed")  # the sink answers 451: this one was not taken
+
+    smtp_sink.on_message = kill_at_the_40th
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert first.wait(60) == -9, first.stdout.read()
+    smtp_sink.on_message = None
+    assert len(smtp_sink.messages) == 39
+    with database.session_scope() as session:
+        info = reports.status(session)
+        assert (info["sent"], info["pending"]) == (39, 61)
+        claimed = session.scalars(
+            select(Report).where(Report.status == "pending", Report.next_attempt_at.is_not(None))
+        ).all()
+        assert len(claimed) == 1  # the one the relay was taking: claimed, not sent
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "prepared 0, sent 60, failed 0" in again.stdout
+    # The claimed one goes out once its claim has run out.
+    relay = Relay(config.relay, timeout=10)
+    try:
+        later = datetime.now(UTC) + reports.CLAIM + timedelta(seconds=1)
+        assert reports.send_pending(database.write_sessions, relay, config, later) == (1, 0)
+    finally:
+        relay.close()
+    recipients = [rcpt for received in smtp_sink.wait_for(100) for rcpt in received.rcpt_tos]
+    assert len(recipients) == 100 and len(set(recipients)) == 100
+    with database.session_scope() as session:
+        assert reports.status(session)["sent"] == 100
+        assert session.scalar(select(func.count()).where(Message.report_id.is_(None))) == 0
