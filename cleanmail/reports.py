@@ -24,6 +24,7 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, text, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
 from cleanmail import mailboxes, mailer, report_mail
@@ -243,10 +244,10 @@ def render_report(session: Session, report: Report, config: Config) -> bytes:
     return report_mail.Renderer(config).render(to, rows)
 
 
-def _claim(session: Session, report_ids: Sequence[int], now: datetime) -> list[int]:
-    """Take the batch's due pending reports for this sender; those another took are left out."""
+def _claim(connection: Connection, report_ids: Sequence[int], now: datetime) -> list[int]:
+    """Take the due pending ones of these reports for this sender; others are left out."""
     table = Report.__table__.c
-    claimed = session.execute(
+    claimed = connection.execute(
         update(Report.__table__)
         .where(
             table.id.in_(report_ids),
@@ -269,12 +270,12 @@ def _record_failure(session: Session, report_id: int, error: RelayError, now: da
         report.status = ReportStatus.FAILED
 
 
-def _mark_sent(session: Session, report_id: int, message_id: str, now: datetime) -> None:
-    if session.get_bind().dialect.name == "postgresql":
+def _mark_sent(connection: Connection, report_id: int, message_id: str, now: datetime) -> None:
+    if connection.dialect.name == "postgresql":
         # Durable against our own crash once the server has it; a crash of the server
         # itself may lose the last marks, and with them send those reports again.
-        session.execute(text("SET LOCAL synchronous_commit = off"))
-    session.execute(
+        connection.execute(text("SET LOCAL synchronous_commit = off"))
+    connection.execute(
         update(Report.__table__)
         .where(Report.__table__.c.id == report_id)
         .values(
@@ -309,12 +310,11 @@ class _Senders:
     def __init__(
         self, sessions: sessionmaker[Session], relay: Relay, now: datetime, count: int
     ) -> None:
-        bind = sessions.kw["bind"]
-        # Claims and marks with SQLite's synchronous=NORMAL: a commit that survives our
-        # own crash (the one that matters here) without an fsync per report.
-        self.marks = sessionmaker(
-            bind.execution_options(cleanmail_immediate=True, cleanmail_relaxed=True),
-            expire_on_commit=False,
+        # Claims and marks on a connection per thread, with SQLite's synchronous=NORMAL:
+        # a commit that survives our own crash (the one that matters here) without an
+        # fsync per report.
+        self.engine = sessions.kw["bind"].execution_options(
+            cleanmail_immediate=True, cleanmail_relaxed=True
         )
         self.sessions = sessions
         self.relay = relay
@@ -350,9 +350,10 @@ class _Senders:
 
     def _run(self) -> None:
         try:
-            while (item := self.work.get()) is not None:
-                if self.tally.error is None:
-                    self._send(*item)
+            with self.engine.connect() as connection:
+                while (item := self.work.get()) is not None:
+                    if self.tally.error is None:
+                        self._send(connection, *item)
         except BaseException as exc:  # handed to the feeding thread by put() and close()
             self.tally.error = exc
             while self.work.get() is not None:  # drain, so that put() never blocks for good
@@ -360,9 +361,11 @@ class _Senders:
         finally:
             self.relay.close()  # this thread's connection
 
-    def _send(self, report_id: int, to: str, message_id: str, raw: bytes) -> None:
-        with self.marks.begin() as session:
-            if not _claim(session, [report_id], self.now):
+    def _send(
+        self, connection: Connection, report_id: int, to: str, message_id: str, raw: bytes
+    ) -> None:
+        with connection.begin():
+            if not _claim(connection, [report_id], self.now):
                 return  # another sender has it, or it went out meanwhile
         try:
             mailer.send(self.relay, raw, to)
@@ -372,8 +375,8 @@ class _Senders:
             with self.tally.lock:
                 self.tally.failed += 1
             return
-        with self.marks.begin() as session:  # at once: the 250 is in, the mark is not yet
-            _mark_sent(session, report_id, message_id, self.now)
+        with connection.begin():  # at once: the 250 is in, the mark is not yet
+            _mark_sent(connection, report_id, message_id, self.now)
         with self.tally.lock:
             self.tally.sent += 1
 
