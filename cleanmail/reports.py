@@ -329,6 +329,9 @@ def run(
                 if on_mailbox is not None and prepared:
                     _tell(session, prepared, on_mailbox)
             result.prepared += len(prepared)
+            # End the read between batches: on SQLite one read held across a whole run
+            # keeps the WAL from being checkpointed while millions of rows change.
+            reader.rollback()
     result.sent, result.failed = send_pending(
         database.write_sessions, relay, config, now, progress=progress
     )
