@@ -13,6 +13,7 @@ import pytest
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
 
 from cleanmail import scheduler
 from cleanmail.models import utcnow
@@ -114,6 +115,19 @@ def add_job(url: str, *args, **kwargs) -> None:
         engine.dispose()
 
 
+def wait_for_jobs(url: str, timeout: float = 20) -> None:
+    """Wait until the leader has stored its own jobs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if stored_jobs(url) >= {"reports", "purge"}:
+                return
+        except OperationalError:  # the table is not there yet
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the leader stored no jobs")
+
+
 def stored_jobs(url: str) -> set[str]:
     engine = create_engine(url)
     try:
@@ -143,6 +157,7 @@ def test_jobs_keep_their_schedule_across_restarts(database):
 def test_on_sqlite_a_second_scheduler_refuses_to_lead(config, start, tmp_path):
     first = start("first")
     first.wait_for("leading")
+    wait_for_jobs(config.database_url)
     second = start("second")
     assert second.process.wait(30) == 1
     assert second.output.startswith("cleanmail: error: another scheduler leads")
@@ -179,6 +194,7 @@ def test_on_sqlite_a_second_scheduler_refuses_to_lead(config, start, tmp_path):
 def test_sigterm_waits_for_a_running_job(config, start, tmp_path):
     leader = start("leader")
     leader.wait_for("leading")
+    wait_for_jobs(config.database_url)  # its job table exists: adding a job cannot race it
     slow = tmp_path / "slow"
     add_job(config.database_url, record_slowly, "date", run_date=utcnow(), args=[str(slow)])
     deadline = time.monotonic() + 10
@@ -210,6 +226,7 @@ def test_an_unmigrated_database_is_refused(config, tmp_path):
 def test_on_postgresql_one_leads_and_a_standby_takes_over(config, start, tmp_path):
     first = start("first")
     first.wait_for("leading")
+    wait_for_jobs(config.database_url)
     second = start("second")
     second.wait_for("standing by")
     once = tmp_path / "once"
