@@ -430,3 +430,19 @@ def test_a_run_killed_mid_send_and_restarted_sends_each_owner_one_report(
     with database.session_scope() as session:
         assert reports.status(session)["sent"] == 100
         assert session.scalar(select(func.count()).where(Message.report_id.is_(None))) == 0
+
+
+def test_the_fast_link_signer_makes_the_tokens_the_app_reads():
+    """Reports sign links with Tokens.dumper: the same tokens as dump, read back by load."""
+    from cleanmail import tokens
+
+    signer = tokens.Tokens(["old key", "new key"])
+    payload = {"m": 7, "v": 2, "id": 123456}
+    fast = signer.dumper("release")(payload)
+    assert signer.load("release", fast) == payload
+    assert tokens.Tokens(["new key"]).load("release", fast) == payload  # signed by the newest
+    with pytest.raises(tokens.TokenInvalid):
+        signer.load("login", fast)  # another purpose, another salt
+    with pytest.raises(tokens.TokenInvalid):
+        tokens.Tokens(["old key"]).load("release", fast)
+    assert fast.rsplit(".", 1)[0].count(".") == 1  # payload.timestamp.signature
