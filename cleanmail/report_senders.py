@@ -3,7 +3,7 @@
 A sender claims a report just before sending it (another sender leaves it alone for
 ``CLAIM``), and marks it sent the moment the relay has said 250. A crash leaves at
 most one claimed, unsent report per thread, sent again once its claim runs out; a
-crash between the 250 and the mark (well under a millisecond) sends that one twice.
+crash between the 250 and the mark (one small commit) sends that one twice.
 """
 
 from __future__ import annotations

@@ -5,12 +5,12 @@ marked with its id, the mailbox's ``last_report_at`` moved on) and sent later, s
 crash between the two steps leaves a pending report that the next run sends: no
 owner gets a second report for the same messages, and none is skipped.
 
-Sending streams the pending reports a batch at a time: the batch is claimed in one
-statement (another sender leaves it alone for ``CLAIM``), its rows are read in one
-query and rendered, and a few threads, each with its own relay connection, send them
-and mark each one sent the moment the relay has said 250. A crash between that 250
-and the mark (well under a millisecond) is the one case that sends a report twice,
-after ``CLAIM``, with the same Message-ID.
+Sending streams the pending reports a batch at a time: the batch's rows are read in
+one query and rendered, and a few threads (``report_senders``), each with its own
+relay connection, claim each report just before sending it (another sender leaves it
+alone for ``CLAIM``) and mark it sent the moment the relay has said 250. A crash
+between that 250 and the mark (one small commit) is the one case that sends a report
+twice, after ``CLAIM``, with the same Message-ID.
 """
 
 from __future__ import annotations
