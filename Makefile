@@ -29,6 +29,7 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/accuracy.py
+	$(BIN)/python bench/reports.py
 
 # Debian packages, installed only when one is missing. Postfix is installed without a
 # system configuration: the tests run private instances of their own.

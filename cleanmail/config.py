@@ -82,6 +82,9 @@ class Config:
         """The configured engines that run outside Cleanmail."""
         return tuple(name for name in self.engines if name in EXTERNAL_ENGINES)
 
+    # Quarantine reports: relay connections sending at once.
+    report_senders: int = 4
+
     @property
     def store_dir(self) -> Path:
         """Where raw messages live."""
@@ -217,6 +220,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "spamd_host": str,
     "spamd_port": _port,
     "spamd_reject_score": float,
+    "report_senders": _positive_int,
 }
 
 DEFAULTS: dict[str, str] = {

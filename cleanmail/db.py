@@ -77,8 +77,15 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(connection: Any) -> None:
-    immediate = connection.get_execution_options().get("cleanmail_immediate")
-    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    options = connection.get_execution_options()
+    # cleanmail_relaxed: a commit that survives our own crash but not the machine's
+    # (WAL without fsync), for bookkeeping written very often, e.g. "report sent".
+    synchronous = "NORMAL" if options.get("cleanmail_relaxed") else "FULL"
+    info = connection.connection.info
+    if info.get("synchronous", "FULL") != synchronous:
+        connection.exec_driver_sql(f"PRAGMA synchronous={synchronous}")
+        info["synchronous"] = synchronous
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if options.get("cleanmail_immediate") else "BEGIN")
 
 
 def alembic_config(url: str) -> AlembicConfig:

@@ -6,10 +6,12 @@ language, sent with an empty envelope sender to the relay so it is not filtered 
 
 from __future__ import annotations
 
+import base64
 import email.utils
+import random
+import re
 from dataclasses import dataclass
-from email.message import EmailMessage
-from email.policy import SMTP
+from email.header import Header
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,11 @@ from cleanmail.relay import Relay
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "templates" / "email"
 TRANSLATIONS = Path(__file__).resolve().parent / "translations"
+
+
+# Boundaries need to be unique, not secret; os.urandom per mail costs more than a report.
+_random = random.Random()
+_PLAIN = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ def _environment(language: str) -> jinja2.Environment:
         extensions=["jinja2.ext.i18n"],
         trim_blocks=True,
         lstrip_blocks=True,
+        auto_reload=False,  # not three stat() calls per mail: templates change with a deploy
     )
     translations = Translations.load(str(TRANSLATIONS), [language], domain="messages")
     env.install_gettext_translations(translations, newstyle=True)  # type: ignore[attr-defined]
@@ -58,19 +66,64 @@ def render(name: str, language: str, **context: Any) -> Rendered:
     )
 
 
-def build(rendered: Rendered, *, sender: str, to: str, domain: str = "cleanmail.invalid") -> bytes:
-    """The raw bytes of a multipart/alternative message with automatic-mail headers."""
-    message = EmailMessage()
-    message["From"] = sender
-    message["To"] = to
-    message["Subject"] = rendered.subject
-    message["Date"] = email.utils.formatdate(localtime=False)
-    message["Message-ID"] = email.utils.make_msgid(domain=domain)
-    message["Auto-Submitted"] = "auto-generated"
-    message["X-Auto-Response-Suppress"] = "All"
-    message.set_content(rendered.text)
-    message.add_alternative(rendered.html, subtype="html")
-    return message.as_bytes(policy=SMTP)
+def build(
+    rendered: Rendered,
+    *,
+    sender: str,
+    to: str,
+    domain: str = "cleanmail.invalid",
+    message_id: str | None = None,
+) -> bytes:
+    """The raw bytes (CRLF) of a multipart/alternative message with automatic-mail headers.
+
+    Written by hand rather than with ``email.message``: a report run builds 100,000 of
+    these, and the email package's header parsing and Python quoted-printable encoder
+    cost more than everything else in a report. ``message_id`` lets a retried report
+    keep its Message-ID, so a mail client can tell a rare second copy for what it is.
+    """
+    boundary = f"=_cleanmail_{_random.getrandbits(96):024x}"
+    head = [
+        f"From: {header(sender, address=True)}",
+        f"To: {to if _PLAIN.fullmatch(to) else header(to, address=True)}",
+        f"Subject: {header(rendered.subject)}",
+        f"Date: {email.utils.formatdate(localtime=False)}",
+        f"Message-ID: {message_id or email.utils.make_msgid(domain=domain)}",
+        "Auto-Submitted: auto-generated",
+        "X-Auto-Response-Suppress: All",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/alternative; boundary="{boundary}"',
+        "",
+    ]
+    parts = [
+        "\r\n".join(head).encode("ascii"),
+        _part(boundary, "plain", rendered.text),
+        _part(boundary, "html", rendered.html),
+        f"--{boundary}--\r\n".encode("ascii"),
+    ]
+    return b"\r\n".join(parts)
+
+
+def _part(boundary: str, subtype: str, content: str) -> bytes:
+    # base64: quoted-printable costs several times as much, and a report is mostly rows
+    # that no person reads in the raw.
+    lines = base64.encodebytes(content.encode("utf-8")).replace(b"\n", b"\r\n")
+    return (
+        f"--{boundary}\r\n"
+        f'Content-Type: text/{subtype}; charset="utf-8"\r\n'
+        "Content-Transfer-Encoding: base64\r\n\r\n"
+    ).encode("ascii") + lines
+
+
+@lru_cache(maxsize=256)
+def header(value: str, *, address: bool = False) -> str:
+    """A header value in 7-bit: encoded words where it is not ASCII, folded lines in CRLF."""
+    value = " ".join(value.split())
+    if address:
+        name, addr = email.utils.parseaddr(value)
+        return email.utils.formataddr((name, addr), charset="utf-8") if addr else value
+    if value.isascii() and len(value) < 900:
+        return value
+    return Header(value, "utf-8", header_name="Subject").encode(linesep="\r\n")
 
 
 def send(relay: Relay, raw: bytes, to: str) -> None:

@@ -1,40 +1,39 @@
-"""Quarantine reports: who is due, claiming what is new, building the mail, sending it once.
+"""Quarantine reports: who is due, claiming what is new, sending each report once.
 
 A report is prepared in one transaction (a pending ``reports`` row, its messages
 marked with its id, the mailbox's ``last_report_at`` moved on) and sent later, so a
 crash between the two steps leaves a pending report that the next run sends: no
 owner gets a second report for the same messages, and none is skipped.
+
+Sending streams the pending reports a batch at a time: the batch's rows are read in
+one query and rendered, and a few threads (``report_senders``), each with its own
+relay connection, claim each report just before sending it (another sender leaves it
+alone for ``CLAIM``) and mark it sent the moment the relay has said 250. A crash
+between that 250 and the mark (one small commit) is the one case that sends a report
+twice, after ``CLAIM``, with the same Message-ID.
 """
 
 from __future__ import annotations
 
-import email.parser
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
-from functools import lru_cache
 from typing import Any
 
-from babel.dates import format_datetime
-from flask import Flask
-from flask_babel import Babel, force_locale
-from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from cleanmail import mailboxes, mailer, reasons, tokens
+from cleanmail import mailboxes, report_mail, report_senders
 from cleanmail.config import Config
 from cleanmail.db import Database
 from cleanmail.models import Domain, Mailbox, Message, Report, ReportRun, ReportStatus, Status
 from cleanmail.models import ReportFrequency as Frequency
-from cleanmail.relay import Relay, RelayError
+from cleanmail.relay import Relay
+from cleanmail.report_senders import BACKOFF, CLAIM, GIVE_UP  # noqa: F401 - part of this API
 
 REPORT_ROWS = 50  # messages listed in one report; the rest are "and N more"
-BATCH = 1000  # mailboxes or reports read per query, so a run never holds them all
-BACKOFF = (timedelta(minutes=1), timedelta(minutes=5), timedelta(minutes=15), timedelta(hours=1))
-GIVE_UP = timedelta(hours=48)  # then a report is marked failed, for an operator to see
-CLAIM = timedelta(minutes=10)  # a report being sent is not taken by another sender meanwhile
-LANGUAGES = ("nb", "da", "en")
+BATCH = 500  # mailboxes prepared, or reports read, per transaction: a run never holds them all
 
 
 @dataclass
@@ -47,7 +46,7 @@ class RunResult:
     failed: int = 0
 
 
-def is_due(mailbox: Mailbox, now: datetime) -> bool:
+def is_due(mailbox: Any, now: datetime) -> bool:
     """True when the mailbox's report time has come since its last report."""
     last = mailbox.last_report_at
     if mailbox.report_frequency == Frequency.HOURLY:
@@ -60,6 +59,16 @@ def is_due(mailbox: Mailbox, now: datetime) -> bool:
     return now >= slot and (last is None or last < slot)
 
 
+# What is_due() reads of a mailbox.
+SCHEDULE = (
+    Mailbox.id,
+    Mailbox.report_frequency,
+    Mailbox.timezone,
+    Mailbox.report_hour,
+    Mailbox.last_report_at,
+)
+
+
 def _candidates(mailbox: str | None) -> Any:
     """Mailboxes that want reports and have new messages no report has covered."""
     uncovered = exists().where(
@@ -68,7 +77,7 @@ def _candidates(mailbox: str | None) -> Any:
         Message.report_id.is_(None),
     )
     query = (
-        select(Mailbox)
+        select(*SCHEDULE)
         .outerjoin(Domain, Domain.id == Mailbox.domain_id)
         .where(
             Mailbox.disabled.is_(False),
@@ -85,24 +94,31 @@ def _candidates(mailbox: str | None) -> Any:
     return query
 
 
+def due_batches(
+    session: Session, now: datetime, *, mailbox: str | None = None, ignore_schedule: bool = False
+) -> Iterator[list[int]]:
+    """The ids of mailboxes whose report is due, a batch at a time (keyset, not offset)."""
+    last_id = 0
+    while True:
+        query = _candidates(mailbox).where(Mailbox.id > last_id).order_by(Mailbox.id).limit(BATCH)
+        batch = session.execute(query).all()
+        if not batch:
+            return
+        due = [row.id for row in batch if ignore_schedule or is_due(row, now)]
+        if due:
+            yield due
+        last_id = batch[-1].id
+
+
 def due_mailboxes(
     session: Session, now: datetime, *, mailbox: str | None = None, ignore_schedule: bool = False
 ) -> Iterator[int]:
     """The ids of mailboxes whose report is due, read a batch at a time."""
-    last_id = 0
-    while True:
-        query = _candidates(mailbox).where(Mailbox.id > last_id).order_by(Mailbox.id).limit(BATCH)
-        batch = session.scalars(query).all()
-        if not batch:
-            return
-        for row in batch:
-            if ignore_schedule or is_due(row, now):
-                yield row.id
-        last_id = batch[-1].id
-        session.expunge_all()  # keep memory flat over 100,000 mailboxes
+    for batch in due_batches(session, now, mailbox=mailbox, ignore_schedule=ignore_schedule):
+        yield from batch
 
 
-def _uncovered(mailbox_id: int) -> Any:
+def _uncovered(mailbox_id: Any) -> Any:
     return (
         Message.mailbox_id == mailbox_id,
         Message.status == Status.NEW,
@@ -116,6 +132,91 @@ def count_new(session: Session, mailbox_id: int) -> int:
     return session.scalar(query) or 0
 
 
+def prepare_batch(
+    session: Session,
+    mailbox_ids: Sequence[int],
+    run: ReportRun | None,
+    now: datetime,
+    *,
+    check_due: bool = False,
+) -> dict[int, tuple[int, int]]:
+    """Claim the uncovered new messages of several mailboxes for pending reports.
+
+    Returns ``{mailbox_id: (report_id, message_count)}`` for the mailboxes that had
+    something new. A few statements for the whole batch, whatever its size.
+    """
+    # The mailbox rows are the lock: two runs preparing the same mailbox take turns.
+    locked = session.execute(
+        select(*SCHEDULE).where(Mailbox.id.in_(mailbox_ids)).order_by(Mailbox.id).with_for_update()
+    ).all()
+    due = [row.id for row in locked if not check_due or is_due(row, now)]
+    if not due:
+        return {}
+    connection = session.connection()
+    created = connection.execute(
+        insert(Report.__table__).returning(
+            Report.__table__.c.id, Report.__table__.c.mailbox_id, sort_by_parameter_order=True
+        ),
+        [
+            {
+                "mailbox_id": mailbox_id,
+                "run_id": run.id if run is not None else None,
+                "created_at": now,
+                "status": ReportStatus.PENDING,
+                "message_count": 0,
+                "attempts": 0,
+                "message_id_header": "",
+            }
+            for mailbox_id in due
+        ],
+    ).all()
+    report_of = {mailbox_id: report_id for report_id, mailbox_id in created}
+    messages = Message.__table__.c
+    connection.execute(
+        update(Message.__table__)
+        .where(*_uncovered_columns(messages))
+        .values(report_id=bindparam("report")),
+        [{"mailbox": mailbox, "report": report} for mailbox, report in report_of.items()],
+    )
+    counts = dict(
+        connection.execute(
+            select(messages.report_id, func.count())
+            .where(messages.report_id.in_(report_of.values()))
+            .group_by(messages.report_id)
+        ).all()
+    )
+    prepared = {
+        mailbox_id: (report_id, counts[report_id])
+        for mailbox_id, report_id in report_of.items()
+        if counts.get(report_id)
+    }
+    empty = [report_id for report_id in report_of.values() if not counts.get(report_id)]
+    if empty:  # nothing new after all (a purge or a release got there first)
+        connection.execute(delete(Report.__table__).where(Report.__table__.c.id.in_(empty)))
+    if prepared:
+        connection.execute(
+            update(Report.__table__)
+            .where(Report.__table__.c.id == bindparam("report"))
+            .values(message_count=bindparam("count")),
+            [{"report": report, "count": count} for report, count in prepared.values()],
+        )
+        connection.execute(
+            update(Mailbox.__table__)
+            .where(Mailbox.__table__.c.id.in_(prepared))
+            .values(last_report_at=now)
+        )
+    session.expire_all()  # the ORM objects of this session must see the new state
+    return prepared
+
+
+def _uncovered_columns(messages: Any) -> Any:
+    return (
+        messages.mailbox_id == bindparam("mailbox"),
+        messages.status == Status.NEW,
+        messages.report_id.is_(None),
+    )
+
+
 def prepare(
     session: Session,
     mailbox_id: int,
@@ -124,149 +225,18 @@ def prepare(
     *,
     check_due: bool = False,
 ) -> Report | None:
-    """Claim a mailbox's uncovered new messages for a pending report; None if nothing is new."""
-    # The mailbox row is the lock: two runs preparing the same mailbox take turns.
-    mailbox = session.scalars(
-        select(Mailbox).where(Mailbox.id == mailbox_id).with_for_update()
-    ).one_or_none()
-    if mailbox is None or (check_due and not is_due(mailbox, now)):
+    """Claim one mailbox's uncovered new messages for a pending report; None if nothing is new."""
+    prepared = prepare_batch(session, [mailbox_id], run, now, check_due=check_due)
+    if mailbox_id not in prepared:
         return None
-    if count_new(session, mailbox_id) == 0:
-        return None
-    report = Report(
-        mailbox_id=mailbox_id,
-        run_id=run.id if run is not None else None,
-        created_at=now,
-        status=ReportStatus.PENDING,
-    )
-    session.add(report)
-    session.flush()
-    claimed = session.execute(
-        update(Message).where(*_uncovered(mailbox_id)).values(report_id=report.id),
-        execution_options={"synchronize_session": False},
-    )
-    report.message_count = claimed.rowcount
-    mailbox.last_report_at = now
-    session.flush()
-    return report
-
-
-@lru_cache(maxsize=1)
-def _babel_app() -> Flask:
-    """A bare Flask app, only so that the reason texts (lazy_gettext) can be translated."""
-    app = Flask(__name__)
-    app.config["BABEL_TRANSLATION_DIRECTORIES"] = str(mailer.TRANSLATIONS)
-    Babel(app)
-    return app
-
-
-def _clean(value: str, limit: int = 200) -> str:
-    return " ".join((value or "").split())[:limit]
+    return session.get(Report, prepared[mailbox_id][0])
 
 
 def render_report(session: Session, report: Report, config: Config) -> bytes:
     """The report mail in the owner's language, ready for the relay."""
-    mailbox = session.get(Mailbox, report.mailbox_id)
-    assert mailbox is not None
-    language = mailbox.language if mailbox.language in LANGUAGES else "nb"
-    zone = mailboxes.time_zone(mailbox.timezone)
-    signer = tokens.Tokens(config.secret_keys)
-    messages = session.scalars(
-        select(Message)
-        .where(Message.report_id == report.id)
-        .order_by(Message.received_at.desc(), Message.id.desc())
-        .limit(REPORT_ROWS)
-    ).all()
-    rows = []
-    with _babel_app().app_context(), force_locale(language):
-        for message in messages:
-            token = signer.dump(
-                "release", {"m": mailbox.id, "v": mailbox.key_version, "id": message.id}
-            )
-            top = reasons.top(message.reasons or [], 1)
-            rows.append(
-                {
-                    "date": format_datetime(
-                        message.received_at, "short", tzinfo=zone, locale=language
-                    ),
-                    "sender": _clean(message.from_address or message.envelope_sender, 320),
-                    "subject": _clean(message.subject),
-                    "reason": _clean(reasons.describe(top[0])) if top else "",
-                    "release_url": f"{config.base_url}/r/{token}",
-                    "allow_url": f"{config.base_url}/r/{token}?allow=1",
-                }
-            )
-    rendered = mailer.render(
-        "report",
-        language,
-        lang=language,
-        address=mailbox.address,
-        count=report.message_count,
-        rows=rows,
-        more=max(report.message_count - len(rows), 0),
-        overview_url=tokens.login_url(
-            config.base_url, config.secret_keys, mailbox.id, mailbox.key_version
-        ),
-        settings_url=f"{config.base_url}/settings/",
-        retention_days=config.retention_days,
-        link_days=tokens.LOGIN_LINK_DAYS,
-    )
-    return mailer.build(
-        rendered, sender=config.mail_from, to=mailbox.address, domain=config.hostname
-    )
-
-
-def _claim(session: Session, report_id: int, now: datetime) -> bool:
-    """Take a due pending report for this sender; False when another took it first."""
-    claimed = session.execute(
-        update(Report)
-        .where(
-            Report.id == report_id,
-            Report.status == ReportStatus.PENDING,
-            or_(Report.next_attempt_at.is_(None), Report.next_attempt_at <= now),
-        )
-        .values(next_attempt_at=now + CLAIM),
-        execution_options={"synchronize_session": False},
-    )
-    return claimed.rowcount == 1
-
-
-def _record_failure(report: Report, error: RelayError, now: datetime) -> None:
-    report.attempts += 1
-    report.last_error = str(error)[:1000]
-    report.next_attempt_at = now + BACKOFF[min(report.attempts, len(BACKOFF)) - 1]
-    if now - report.created_at >= GIVE_UP:
-        report.status = ReportStatus.FAILED
-
-
-def send_one(
-    sessions: sessionmaker[Session], relay: Relay, config: Config, report_id: int, now: datetime
-) -> bool | None:
-    """Send one pending report: True sent, False failed this time, None taken by another."""
-    with sessions.begin() as session:
-        if not _claim(session, report_id, now):
-            return None
-        report = session.get(Report, report_id)
-        assert report is not None
-        raw = render_report(session, report, config)
-        to = session.get(Mailbox, report.mailbox_id).address  # type: ignore[union-attr]
-    try:
-        mailer.send(relay, raw, to)
-    except RelayError as exc:
-        with sessions.begin() as session:
-            report = session.get(Report, report_id)
-            assert report is not None
-            _record_failure(report, exc, now)
-        return False
-    headers = email.parser.BytesHeaderParser().parsebytes(raw)
-    with sessions.begin() as session:
-        report = session.get(Report, report_id)
-        assert report is not None
-        report.status = ReportStatus.SENT
-        report.sent_at = now
-        report.next_attempt_at = None
-        report.message_id_header = str(headers["Message-ID"] or "")[:255]
-    return True
+    (to,) = report_mail.addressees(session, [report.id])
+    rows = report_mail.listed(session, [report.id], REPORT_ROWS).get(report.id, [])
+    return report_mail.Renderer(config).render(to, rows)
 
 
 def _ready(now: datetime) -> Any:
@@ -284,28 +254,40 @@ def send_pending(
     *,
     limit: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    senders: int | None = None,
 ) -> tuple[int, int]:
     """Send every pending report that is due for an attempt; (sent, failed)."""
-    sent = failed = total = 0
+    total = 0
     if progress is not None:
         with sessions() as session:
             total = session.scalar(select(func.count()).select_from(_ready(now).subquery())) or 0
         progress(0, total)
-    last_id = 0
-    while limit is None or sent + failed < limit:
-        with sessions() as session:
-            query = _ready(now).where(Report.id > last_id).order_by(Report.id).limit(BATCH)
-            ids = session.scalars(query).all()
-        if not ids:
-            break
-        for report_id in ids[: None if limit is None else limit - sent - failed]:
-            outcome = send_one(sessions, relay, config, report_id, now)
-            sent += outcome is True
-            failed += outcome is False
+    renderer = report_mail.Renderer(config)
+    pool = report_senders.Senders(sessions, relay, now, senders or config.report_senders)
+    taken = last_id = 0
+    try:
+        while limit is None or taken < limit:
+            with sessions() as session:
+                query = _ready(now).where(Report.id > last_id).order_by(Report.id).limit(BATCH)
+                ids = session.scalars(query).all()
+            if not ids:
+                break
+            last_id = ids[-1]
+            ids = ids[: None if limit is None else limit - taken]
+            with sessions() as session:  # rendered here, claimed one by one when sent
+                addressees = report_mail.addressees(session, ids)
+                rows = report_mail.listed(session, ids, REPORT_ROWS)
+            taken += len(ids)
+            for to in addressees:
+                raw = renderer.render(to, rows.get(to.report_id, []))
+                pool.put(to.report_id, to.address, report_mail.message_id(to, config.hostname), raw)
             if progress is not None:
-                progress(sent + failed, total)
-        last_id = ids[-1]
-    return sent, failed
+                progress(pool.tally.sent + pool.tally.failed, total)
+    finally:
+        pool.close()
+    if progress is not None:
+        progress(pool.tally.sent + pool.tally.failed, total)
+    return pool.tally.sent, pool.tally.failed
 
 
 def run(
@@ -339,17 +321,17 @@ def run(
         session.add(report_run)
     result = RunResult(run_id=report_run.id)
     with database.sessions() as reader:
-        for mailbox_id in due_mailboxes(
-            reader, now, mailbox=mailbox, ignore_schedule=ignore_schedule
-        ):
+        for batch in due_batches(reader, now, mailbox=mailbox, ignore_schedule=ignore_schedule):
             with database.session_scope(write=True) as session:
-                report = prepare(
-                    session, mailbox_id, report_run, now, check_due=not ignore_schedule
+                prepared = prepare_batch(
+                    session, batch, report_run, now, check_due=not ignore_schedule
                 )
-                if report is not None and on_mailbox is not None:
-                    address = session.get(Mailbox, mailbox_id).address  # type: ignore[union-attr]
-                    on_mailbox(address, report.message_count)
-            result.prepared += report is not None
+                if on_mailbox is not None and prepared:
+                    _tell(session, prepared, on_mailbox)
+            result.prepared += len(prepared)
+            # End the read between batches: on SQLite one read held across a whole run
+            # keeps the WAL from being checkpointed while millions of rows change.
+            reader.rollback()
     result.sent, result.failed = send_pending(
         database.write_sessions, relay, config, now, progress=progress
     )
@@ -359,6 +341,16 @@ def run(
         stored.sent, stored.failed = result.sent, result.failed
         stored.finished_at = datetime.now(UTC)
     return result
+
+
+def _tell(
+    session: Session, prepared: dict[int, tuple[int, int]], on_mailbox: Callable[[str, int], None]
+) -> None:
+    addresses = session.execute(
+        select(Mailbox.id, Mailbox.address).where(Mailbox.id.in_(prepared)).order_by(Mailbox.id)
+    ).all()
+    for mailbox_id, address in addresses:
+        on_mailbox(address, prepared[mailbox_id][1])
 
 
 def status(session: Session) -> dict[str, Any]:

@@ -40,6 +40,7 @@ LOCK_KEY = 0x436C65616E6D6C01  # "Cleanml" + 1: the PostgreSQL advisory lock of 
 LOCK_FILE = "scheduler.lock"
 TICK_VARIABLE = "CLEANMAIL_SCHEDULER_TICK"
 TICK = 2.0  # seconds between a standby's attempts, and between the leader's checks
+REPORTS_EVERY_VARIABLE = "CLEANMAIL_REPORTS_EVERY"
 REPORTS_EVERY = timedelta(minutes=1)
 PURGE_EVERY = timedelta(minutes=15)
 BULK_EVERY = timedelta(minutes=1)
@@ -81,7 +82,10 @@ def reports_job() -> None:
         return
     config = runtime.config
     relay = Relay(config.relay, timeout=config.relay_timeout, hostname=config.hostname)
-    reports.run(runtime.database, relay, config, utcnow(), trigger="schedule")
+    try:
+        reports.run(runtime.database, relay, config, utcnow(), trigger="schedule")
+    finally:
+        relay.close()
 
 
 def purge_job() -> None:
@@ -263,9 +267,17 @@ def build(database: db.Database) -> Scheduler:
     )
 
 
+def reports_every() -> timedelta:
+    """How often the leader looks for due reports (``CLEANMAIL_REPORTS_EVERY`` seconds)."""
+    seconds = os.environ.get(REPORTS_EVERY_VARIABLE)
+    return REPORTS_EVERY if seconds is None else timedelta(seconds=float(seconds))
+
+
 def ensure_jobs(scheduler: Scheduler) -> None:
     """Add our jobs, keeping a stored job's next run time unless its schedule changed."""
     for job_id, (func, every) in JOBS.items():
+        if job_id == "reports":
+            every = reports_every()
         trigger = IntervalTrigger(seconds=every.total_seconds(), timezone="UTC")
         stored = scheduler.get_job(job_id)
         if stored is not None and stored.func is func and str(stored.trigger) == str(trigger):

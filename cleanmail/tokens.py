@@ -6,10 +6,14 @@ so a key can be rotated without breaking links already sent.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hmac
+import json
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous.encoding import base64_encode, int_to_bytes
 
 LOGIN_LINK_DAYS = 15
 PURPOSES = {
@@ -50,6 +54,29 @@ class Tokens:
     def dump(self, purpose: str, payload: Any) -> str:
         """A signed token for one purpose."""
         return self._serializer(purpose).dumps(payload)
+
+    def dumper(self, purpose: str) -> Callable[[Any], str]:
+        """A fast ``dump`` for many tokens at once (a report signs one per message).
+
+        The same format as ``dump`` (uncompressed payload, timestamp, HMAC of the
+        newest key with the purpose's salt), so ``load`` reads it; the derived key is
+        computed once instead of per token, and the timestamp once per second.
+        """
+        signer = self._serializer(purpose).make_signer()
+        mac = hmac.new(signer.derive_key(), digestmod=signer.digest_method)
+        stamp: list[Any] = [0, b""]
+
+        def dump(payload: Any) -> str:
+            now = int(time.time())
+            if now != stamp[0]:
+                stamp[:] = [now, base64_encode(int_to_bytes(now))]
+            body = json.dumps(payload, separators=(",", ":")).encode()
+            value = base64_encode(body) + b"." + stamp[1]
+            signature = mac.copy()
+            signature.update(value)
+            return (value + b"." + base64_encode(signature.digest())).decode("ascii")
+
+        return dump
 
     def load(self, purpose: str, token: str, *, max_age: int | None = None) -> Any:
         """The payload of a valid token, or TokenExpired / TokenInvalid."""

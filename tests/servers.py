@@ -575,6 +575,9 @@ scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
+    _MAIN_CF_EXTRA: ClassVar[str] = ""  # what a subclass adds to main.cf and master.cf
+    _MASTER_CF_EXTRA: ClassVar[str] = ""
+
     def __init__(
         self,
         tmpdir: str | os.PathLike[str] | None,
@@ -627,10 +630,11 @@ postlog   unix-dgram n  -       n       -       1       postlogd
             "front_port": front_port,
             "reinject_port": reinject_port,
             "message_size_limit": self.message_size_limit,
+            **self._format(),
         }
         for name, text in (
-            ("main.cf", self._MAIN_CF + self.MAIN_CF_FILTER_LINES),
-            ("master.cf", self._MASTER_CF + self.MASTER_CF_FILTER_LINES),
+            ("main.cf", self._MAIN_CF + self.MAIN_CF_FILTER_LINES + self._MAIN_CF_EXTRA),
+            ("master.cf", self._MASTER_CF + self.MASTER_CF_FILTER_LINES + self._MASTER_CF_EXTRA),
         ):
             path = self.config_dir / name
             path.write_text(text.format(**ports))
@@ -649,6 +653,10 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         self._reaped.stop()
         self._reaped = None
         return False
+
+    def _format(self) -> dict[str, object]:
+        """More values for a subclass's lines in main.cf and master.cf."""
+        return {}
 
     def postfix_command(self, *args: str) -> str:
         """Run a Postfix command (`postqueue`, `postsuper`, ...) with `-c DIR`; return stdout."""
@@ -1033,3 +1041,82 @@ class SpamdServer(_ReapedServer):
         assert self.dir is not None
         path = self.dir / "spamd.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+class MaildirPostfix(PostfixServer):
+    """A private Postfix that delivers mail for some addresses into maildirs.
+
+    Mail for ``addresses`` goes through Postfix's virtual(8) delivery agent to
+    ``mail/<domain>/<user>/`` (Maildir format), owned by ``nobody``; anything else is
+    still relayed to the sink. Submit to ``reinject_port`` (after the filter, as
+    CLEANMAIL_RELAY does) to skip the content filter.
+    """
+
+    _MAIN_CF_EXTRA: ClassVar[str] = """\
+virtual_mailbox_domains = {domains}
+virtual_mailbox_base = {dir}/mail
+virtual_mailbox_maps = texthash:{dir}/conf/mailboxes
+virtual_uid_maps = static:{uid}
+virtual_gid_maps = static:{gid}
+virtual_minimum_uid = 1
+virtual_mailbox_limit = 0
+virtual_transport = virtual
+"""
+    _MASTER_CF_EXTRA: ClassVar[str] = """\
+virtual   unix  -       n       n       -       -       virtual
+"""
+
+    def __init__(
+        self, tmpdir: str | os.PathLike[str] | None, sink_port: int, addresses: list[str]
+    ) -> None:
+        super().__init__(tmpdir, free_port(), sink_port)
+        self.addresses = [address.lower() for address in addresses]
+        self.owner = pwd.getpwnam("nobody")
+
+    def _start_master(self, front_port: int, reinject_port: int) -> bool:
+        """Make the maildir base and the address map, then start as the relay does."""
+        assert self.dir is not None
+        mail = self.dir / "mail"
+        mail.mkdir(mode=0o755, exist_ok=True)
+        os.chown(mail, self.owner.pw_uid, self.owner.pw_gid)
+        # user@domain -> domain/user/ ; the trailing slash makes it a maildir.
+        lines = [f"{address} {self._relative(address)}/\n" for address in self.addresses]
+        (self.config_dir / "mailboxes").write_text("".join(lines))
+        return super()._start_master(front_port, reinject_port)
+
+    def _format(self) -> dict[str, object]:
+        """The served domains and the maildirs' owner."""
+        return {
+            "domains": " ".join(sorted({a.rpartition("@")[2] for a in self.addresses})),
+            "uid": self.owner.pw_uid,
+            "gid": self.owner.pw_gid,
+        }
+
+    def maildir(self, address: str) -> Path:
+        """The maildir of one address of a served domain."""
+        assert self.dir is not None
+        return self.dir / "mail" / self._relative(address)
+
+    @staticmethod
+    def _relative(address: str) -> str:
+        user, _at, domain = address.lower().rpartition("@")
+        return f"{domain}/{user}"
+
+    def delivered(self, address: str) -> list[bytes]:
+        """The messages in an address's maildir, oldest first (by file time, then name)."""
+        new = self.maildir(address) / "new"
+        if not new.is_dir():
+            return []
+        files = sorted(new.iterdir(), key=lambda path: (path.stat().st_mtime_ns, path.name))
+        return [path.read_bytes() for path in files]
+
+    def wait_for_mail(self, address: str, count: int, timeout: float = 20.0) -> list[bytes]:
+        """Wait until an address's maildir holds `count` messages; return them."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.delivered(address)) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{len(found)} of {count} messages in {address}'s maildir:\n{self.maillog()}"
+                )
+            time.sleep(0.05)
+        return found

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import email
 import email.policy
+import os
+import pty
+import re
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from urllib.parse import urlsplit
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 import cleanmail.cli.reports  # noqa: F401 - registers the commands
 from cleanmail import mailboxes, mime, quarantine, reports
@@ -292,3 +297,152 @@ def test_a_release_link_asks_before_it_releases(
     with database.session_scope() as session:
         assert session.get(Message, message_id).status == "released"
     assert client.get("/r/not-a-token").status_code == 400
+
+
+@pytest.mark.parametrize("refusal", ["451 4.3.0 try later", "554 5.7.1 not now"])
+def test_refused_reports_show_in_status_and_go_out_later(
+    database, store, config, smtp_sink, owner, refusal
+):
+    """A relay that refuses (for now or for good) leaves the report waiting, visibly."""
+    hold(database, store, owner.id, "Patience")
+    env = FilterProcess(config).environment()
+    runner = CliRunner()
+    smtp_sink.refuse = refusal
+    refused = runner.invoke(cli, ["reports", "send", "--now"], env=env)
+    assert refused.exit_code == 1 and "prepared 1, sent 0, failed 1" in refused.output
+    shown = runner.invoke(cli, ["reports", "status"], env=env).output
+    assert "(cli), finished " in shown and "sent 0, failed 1" in shown
+    assert "pending: 1 (retrying: 1)" in shown and "sent: 0" in shown
+    assert "1 attempts, next " in shown and refusal in shown
+    # Too early for the next attempt: the run sends nothing and loses nothing.
+    smtp_sink.refuse = None
+    early = runner.invoke(cli, ["reports", "send", "--now"], env=env)
+    assert "prepared 0, sent 0, failed 0" in early.output and smtp_sink.messages == []
+    # A minute later (the first backoff), the next run sends it.
+    with database.session_scope(write=True) as session:
+        report = session.scalars(select(Report)).one()
+        report.next_attempt_at -= reports.BACKOFF[0]
+    later = runner.invoke(cli, ["reports", "send", "--now"], env=env)
+    assert later.exit_code == 0 and "prepared 0, sent 1, failed 0" in later.output
+    (received,) = smtp_sink.wait_for(1)
+    _parsed, text, _html = parts(received)
+    assert "Patience" in text
+    shown = runner.invoke(cli, ["reports", "status"], env=env).output
+    assert "sent 1, failed 0" in shown and "pending: 0 (retrying: 0)" in shown
+    assert "sent: 1" in shown
+
+
+def run_command(args: list[str], env: dict[str, str], *, terminal: bool) -> tuple[int, str]:
+    """``python -m cleanmail ARGS`` as a process, in a pseudo-terminal or on pipes."""
+    command = [sys.executable, "-m", "cleanmail", *args]
+    if not terminal:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        return done.returncode, done.stdout + done.stderr
+    main, child = pty.openpty()
+    process = subprocess.Popen(
+        command, env={**env, "TERM": "xterm"}, stdin=child, stdout=child, stderr=child
+    )
+    os.close(child)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main)
+    return process.wait(60), output.decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_progress_bar_only_in_a_terminal(database, store, config, smtp_sink, owner, terminal):
+    with database.session_scope(write=True) as session:
+        extra = [
+            mailboxes.add_mailbox(session, quarantine_actor(), f"p{n}@example.no").id
+            for n in range(4)
+        ]
+    for mailbox_id in [owner.id, *extra]:
+        hold(database, store, mailbox_id, f"Spam for {mailbox_id}")
+    env = FilterProcess(config).environment()
+    code, output = run_command(["reports", "send", "--now"], env, terminal=terminal)
+    assert code == 0, output
+    assert "prepared 5, sent 5, failed 0" in output
+    assert len(smtp_sink.wait_for(5)) == 5
+    if terminal:
+        assert "Sending reports" in output and "100%" in output
+        assert re.search(r"\[#+\]", output), output
+    else:
+        assert "Sending reports" not in output and "%" not in output and "#" not in output
+
+
+def test_a_run_killed_mid_send_and_restarted_sends_each_owner_one_report(
+    database, store, config, smtp_sink, owner
+):
+    """SIGKILL while the relay takes the 40th report; the restart sends the rest, once each."""
+    with database.session_scope(write=True) as session:
+        extra = [
+            mailboxes.add_mailbox(session, quarantine_actor(), f"k{n}@example.no").id
+            for n in range(99)
+        ]
+    for mailbox_id in [owner.id, *extra]:
+        hold(database, store, mailbox_id, f"Spam for {mailbox_id}")
+    env = {**FilterProcess(config).environment(), "CLEANMAIL_REPORT_SENDERS": "1"}
+    command = [sys.executable, "-m", "cleanmail", "reports", "send", "--now"]
+    arrived = 0
+    first: subprocess.Popen[bytes] | None = None
+
+    def kill_at_the_40th(_message) -> None:
+        nonlocal arrived
+        arrived += 1
+        if arrived == 40:
+            assert first is not None
+            first.kill()  # SIGKILL while the sender waits for our answer to its DATA
+            first.wait(10)
+            raise RuntimeError("killed")  # the sink answers 451: this one was not taken
+
+    smtp_sink.on_message = kill_at_the_40th
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert first.wait(60) == -9, first.stdout.read()
+    smtp_sink.on_message = None
+    assert len(smtp_sink.messages) == 39
+    with database.session_scope() as session:
+        info = reports.status(session)
+        assert (info["sent"], info["pending"]) == (39, 61)
+        claimed = session.scalars(
+            select(Report).where(Report.status == "pending", Report.next_attempt_at.is_not(None))
+        ).all()
+        assert len(claimed) == 1  # the one the relay was taking: claimed, not sent
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "prepared 0, sent 60, failed 0" in again.stdout
+    # The claimed one goes out once its claim has run out.
+    relay = Relay(config.relay, timeout=10)
+    try:
+        later = datetime.now(UTC) + reports.CLAIM + timedelta(seconds=1)
+        assert reports.send_pending(database.write_sessions, relay, config, later) == (1, 0)
+    finally:
+        relay.close()
+    recipients = [rcpt for received in smtp_sink.wait_for(100) for rcpt in received.rcpt_tos]
+    assert len(recipients) == 100 and len(set(recipients)) == 100
+    with database.session_scope() as session:
+        assert reports.status(session)["sent"] == 100
+        assert session.scalar(select(func.count()).where(Message.report_id.is_(None))) == 0
+
+
+def test_the_fast_link_signer_makes_the_tokens_the_app_reads():
+    """Reports sign links with Tokens.dumper: the same tokens as dump, read back by load."""
+    from cleanmail import tokens
+
+    signer = tokens.Tokens(["old key", "new key"])
+    payload = {"m": 7, "v": 2, "id": 123456}
+    fast = signer.dumper("release")(payload)
+    assert signer.load("release", fast) == payload
+    assert tokens.Tokens(["new key"]).load("release", fast) == payload  # signed by the newest
+    with pytest.raises(tokens.TokenInvalid):
+        signer.load("login", fast)  # another purpose, another salt
+    with pytest.raises(tokens.TokenInvalid):
+        tokens.Tokens(["old key"]).load("release", fast)
+    assert fast.rsplit(".", 1)[0].count(".") == 1  # payload.timestamp.signature

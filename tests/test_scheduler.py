@@ -43,8 +43,8 @@ def runs(path: Path) -> int:
 class SchedulerProcess:
     """``cleanmail scheduler`` as its own process, its stderr in a file."""
 
-    def __init__(self, config, log: Path) -> None:
-        env = {**FilterProcess(config).environment(), scheduler.TICK_VARIABLE: "0.2"}
+    def __init__(self, config, log: Path, **env_extra: str) -> None:
+        env = {**FilterProcess(config).environment(), scheduler.TICK_VARIABLE: "0.2", **env_extra}
         self.log = log
         with open(log, "wb") as stderr:
             self.process = subprocess.Popen(
@@ -78,8 +78,8 @@ def start(config, tmp_path):
     """A factory of scheduler processes; each one is killed at the end if still running."""
     started: list[SchedulerProcess] = []
 
-    def make(name: str) -> SchedulerProcess:
-        started.append(SchedulerProcess(config, tmp_path / f"{name}.log"))
+    def make(name: str, **env: str) -> SchedulerProcess:
+        started.append(SchedulerProcess(config, tmp_path / f"{name}.log", **env))
         return started[-1]
 
     yield make
@@ -121,6 +121,19 @@ def add_job(url: str, *args, **kwargs) -> None:
         engine.dispose()
 
 
+def wait_for_jobs(url: str, timeout: float = 20) -> None:
+    """Wait until the leader has stored its own jobs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if stored_jobs(url) >= {"reports", "purge"}:
+                return
+        except OperationalError:  # the table is not there yet
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the leader stored no jobs")
+
+
 def stored_jobs(url: str) -> set[str]:
     engine = create_engine(url)
     try:
@@ -150,6 +163,7 @@ def test_jobs_keep_their_schedule_across_restarts(database):
 def test_on_sqlite_a_second_scheduler_refuses_to_lead(config, start, tmp_path):
     first = start("first")
     first.wait_for("leading")
+    wait_for_jobs(config.database_url)
     second = start("second")
     assert second.process.wait(30) == 1
     assert second.output.startswith("cleanmail: error: another scheduler leads")
@@ -193,6 +207,7 @@ def test_on_sqlite_a_second_scheduler_refuses_to_lead(config, start, tmp_path):
 def test_sigterm_waits_for_a_running_job(config, start, tmp_path):
     leader = start("leader")
     leader.wait_for("leading")
+    wait_for_jobs(config.database_url)  # its job table exists: adding a job cannot race it
     slow = tmp_path / "slow"
     add_job(config.database_url, record_slowly, "date", run_date=utcnow(), args=[str(slow)])
     deadline = time.monotonic() + 10
@@ -224,6 +239,7 @@ def test_an_unmigrated_database_is_refused(config, tmp_path):
 def test_on_postgresql_one_leads_and_a_standby_takes_over(config, start, tmp_path):
     first = start("first")
     first.wait_for("leading")
+    wait_for_jobs(config.database_url)
     second = start("second")
     second.wait_for("standing by")
     once = tmp_path / "once"
@@ -253,3 +269,57 @@ def test_on_postgresql_one_leads_and_a_standby_takes_over(config, start, tmp_pat
     assert third.stop() == 0
     assert second.stop() == 0
     assert "scheduler stopped" in second.output
+
+
+def add_mailboxes(database, store, first: int, count: int) -> list[str]:
+    """Mailboxes u<N>@example.no with a held message each, their report due at once."""
+    from cleanmail import audit, mailboxes
+    from tests.conftest import hold_message
+    from tests.messages import message
+
+    actor = audit.Actor("operator", "test")
+    addresses = []
+    with database.session_scope(write=True) as session:
+        if first == 0:
+            mailboxes.add_domain(session, actor, "example.no")
+        ids = []
+        for number in range(first, first + count):
+            address = f"u{number}@example.no"
+            mailbox = mailboxes.add_mailbox(session, actor, address)
+            mailbox.report_hour = 0  # local midnight: due today, whatever the time
+            ids.append(mailbox.id)
+            addresses.append(address)
+    for mailbox_id in ids:
+        hold_message(database, store, mailbox_id, message(subject=f"Spam {mailbox_id}"))
+    return addresses
+
+
+def wait_for_recipients(sink, count: int, timeout: float = 30) -> list[str]:
+    """The recipients of the first ``count`` messages at the sink, once they are there."""
+    return [rcpt for received in sink.wait_for(count, timeout) for rcpt in received.rcpt_tos]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_two_schedulers_send_each_report_once_and_the_standby_takes_over(
+    config, database, store, smtp_sink, start
+):
+    first_batch = add_mailboxes(database, store, 0, 30)
+    fast = {scheduler.REPORTS_EVERY_VARIABLE: "0.5"}
+    first = start("first", **fast)
+    first.wait_for("leading")
+    second = start("second", **fast)
+    second.wait_for("standing by")
+    assert sorted(wait_for_recipients(smtp_sink, 30)) == sorted(first_batch)
+    time.sleep(2)  # several more ticks of the reports job: nothing is sent twice
+    assert len(smtp_sink.messages) == 30
+    assert "leading" not in second.output
+
+    first.process.kill()  # SIGKILL: no chance to hand over
+    first.process.wait(10)
+    assert second.wait_for("leading", timeout=10) < 10
+    second_batch = add_mailboxes(database, store, 30, 10)
+    recipients = wait_for_recipients(smtp_sink, 40)
+    assert sorted(recipients) == sorted(first_batch + second_batch)
+    time.sleep(2)
+    assert len(smtp_sink.messages) == 40, "a report was sent twice"
+    assert second.stop() == 0
