@@ -11,7 +11,7 @@ from sqlalchemy import cast, exists, func, or_, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
-from cleanmail import audit, mime, sql
+from cleanmail import audit, mime, sql, stats
 from cleanmail.models import Mailbox, Message, RawMessage, Status, utcnow
 from cleanmail.relay import Relay, RelayError
 from cleanmail.store import Store, digest
@@ -178,6 +178,7 @@ def release(
         )
         raise ReleaseFailed(message.release_error) from exc
     message.status, message.released_at, message.release_error = Status.RELEASED, now, None
+    stats.bump(session, "released", stats.address_domain(mailbox.address))
     audit.record(
         session,
         actor,

@@ -22,7 +22,7 @@ from flask_babel import Babel, force_locale
 from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from cleanmail import mailboxes, mailer, reasons, tokens
+from cleanmail import mailboxes, mailer, reasons, stats, tokens
 from cleanmail.config import Config
 from cleanmail.db import Database
 from cleanmail.models import Domain, Mailbox, Message, Report, ReportRun, ReportStatus, Status
@@ -257,6 +257,7 @@ def send_one(
             report = session.get(Report, report_id)
             assert report is not None
             _record_failure(report, exc, now)
+            stats.bump(session, "reports_failed", stats.address_domain(to))
         return False
     headers = email.parser.BytesHeaderParser().parsebytes(raw)
     with sessions.begin() as session:
@@ -266,6 +267,7 @@ def send_one(
         report.sent_at = now
         report.next_attempt_at = None
         report.message_id_header = str(headers["Message-ID"] or "")[:255]
+        stats.bump(session, "reports_sent", stats.address_domain(to))
     return True
 
 

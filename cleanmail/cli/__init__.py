@@ -85,7 +85,15 @@ def cli(ctx: click.Context, verbose: bool) -> None:
 
 def main() -> None:
     """Entry point of the console script."""
-    from cleanmail.cli import daemons, data, demo, links, reports, scheduler  # noqa: F401 - registers the commands
+    from cleanmail.cli import (  # noqa: F401 - registers the commands
+        daemons,
+        data,
+        demo,
+        links,
+        operations,
+        reports,
+        scheduler,
+    )
 
     try:
         cli.main(prog_name="cleanmail", standalone_mode=False)

@@ -53,6 +53,7 @@ class Analysis:
     envelope: Envelope
     findings: list[attachments.Finding]
     result: EngineResult
+    seconds: float = 0.0  # time spent checking, for the latency statistics
 
     def reasons(self) -> list[dict[str, Any]]:
         """Blocked attachments if any, else the engines' hits, as stored reasons."""
@@ -147,7 +148,10 @@ class Pipeline:
 
     def analyze(self, raw: bytes, envelope: Envelope) -> Analysis:
         """Parse the message and run the checks that do not depend on the recipient."""
-        return analyze(mime.parse(raw), envelope, self.engines)
+        started = time.monotonic()
+        analysis = analyze(mime.parse(raw), envelope, self.engines)
+        analysis.seconds = time.monotonic() - started
+        return analysis
 
     def decide(self, analysis: Analysis) -> list[Decision]:
         """The verdict for every recipient, from lists, attachments and score."""

@@ -21,7 +21,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from sqlalchemy.exc import SQLAlchemyError
 
-from cleanmail import mime
+from cleanmail import mime, stats
 from cleanmail.config import Config, ConfigError
 from cleanmail.filter.engines import Envelope as CheckEnvelope
 from cleanmail.filter.pipeline import Pipeline
@@ -42,6 +42,7 @@ REPLY_RELAY_FAILED = "451 4.4.1 Next hop unavailable, try again later"
 REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
 XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PROTO", "HELO")
 LINE_LIMIT = 64 * 1024
+COUNTED = {"pass": "passed", "quarantine": "quarantined", "reject": "rejected"}
 # Anything but a plain address inside <...> goes to aiosmtpd's full parser.
 _UNUSUAL = re.compile(r'[\s"\\(),:;<\[\]]')
 
@@ -193,6 +194,7 @@ class Handler:
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self.counters = stats.Counters()
 
     async def handle_EHLO(
         self,
@@ -315,8 +317,17 @@ class Handler:
             return REPLY_INTERNAL
 
     def _deliver(self, raw: bytes, analysis: Any) -> str:
+        started = time.monotonic()
         decisions = self.pipeline.decide(analysis)
         refused = self.pipeline.deliver(raw, analysis, decisions)
+        self.counters.verdicts(
+            (
+                (stats.address_domain(d.recipient), COUNTED[d.verdict])
+                for d in decisions
+                if d.mailbox_id is not None
+            ),
+            analysis.seconds + time.monotonic() - started,
+        )
         if refused:
             return refused
         verdicts = ",".join(f"{d.verdict}" for d in decisions)
@@ -377,6 +388,8 @@ async def serve(
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+    flusher = stats.Flusher(handler.counters, pipeline.database)
+    flusher.start()
     log.info("filter listening on %s, relaying to %s", listen, config.relay)
     if ready is not None:
         ready()
@@ -395,4 +408,5 @@ async def serve(
             protocol.transport.close()
     await server.wait_closed()
     executor.shutdown(wait=False, cancel_futures=True)
+    flusher.stop()
     log.info("filter stopped")

@@ -1,0 +1,169 @@
+"""Operator commands: API tokens, statistics and the audit log."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+
+import click
+
+from cleanmail import apitokens, audit, auditlog, stats
+from cleanmail.cli import State, cli, pass_state
+
+
+def parse_time(value: str | None, option: str) -> datetime | None:
+    """``YYYY-MM-DD`` or an ISO time (UTC unless it says otherwise), for --since/--until."""
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"expected a date like 2026-11-01 or a time like 2026-11-01T08:00, got {value!r}",
+            param_hint=option,
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+@cli.group("token")
+def token_group() -> None:
+    """API tokens for the REST API."""
+
+
+@token_group.command("create")
+@click.argument("name")
+@click.option(
+    "--domain",
+    "domains",
+    multiple=True,
+    metavar="DOMAIN",
+    help="Limit the token to this domain (repeat for more). Without it: operator scope.",
+)
+@pass_state
+def token_create(state: State, name: str, domains: tuple[str, ...]) -> None:
+    """Create a token and print its secret (shown only this once)."""
+    with state.database().session_scope(write=True) as session:
+        try:
+            created = apitokens.create(session, audit.cli_actor(), name, domains)
+        except apitokens.TokenError as exc:
+            raise click.ClickException(str(exc)) from None
+        scope = ", ".join(created.token.domains) or "operator (every domain)"
+    click.echo(f"token {name} created, scope: {scope}", err=True)
+    click.echo("Keep the secret now; it cannot be shown again:", err=True)
+    click.echo(created.secret)
+
+
+@token_group.command("list")
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked tokens.")
+@click.option("--json", "as_json", is_flag=True, help="A JSON array.")
+@pass_state
+def token_list(state: State, include_revoked: bool, as_json: bool) -> None:
+    """List the tokens (never their secrets)."""
+    with state.database().sessions() as session:
+        rows = [
+            {
+                "name": t.name,
+                "prefix": t.prefix,
+                "scope": t.domains or ["*"],
+                "created_at": t.created_at.isoformat(timespec="seconds"),
+                "created_by": t.created_by,
+                "last_used_at": t.last_used_at and t.last_used_at.isoformat(timespec="seconds"),
+                "revoked_at": t.revoked_at and t.revoked_at.isoformat(timespec="seconds"),
+            }
+            for t in apitokens.list_tokens(session, include_revoked=include_revoked)
+        ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for row in rows:
+        state_word = "revoked" if row["revoked_at"] else "active"
+        click.echo(
+            f"{row['name']}\t{row['prefix']}…\t{','.join(row['scope'])}\t{state_word}"
+            f"\tlast used {row['last_used_at'] or 'never'}"
+        )
+    if not rows:
+        click.echo("no tokens", err=True)
+
+
+@token_group.command("revoke")
+@click.argument("name")
+@pass_state
+def token_revoke(state: State, name: str) -> None:
+    """Revoke a token: it stops working at once."""
+    with state.database().session_scope(write=True) as session:
+        try:
+            apitokens.revoke(session, audit.cli_actor(), name)
+        except apitokens.TokenError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"token {name} revoked")
+
+
+@cli.command("stats")
+@click.option("--days", default=14, show_default=True, type=click.IntRange(1, 366))
+@click.option("--domain", "domains", multiple=True, metavar="DOMAIN", help="Only this domain.")
+@click.option("--json", "as_json", is_flag=True, help="Everything as one JSON object.")
+@pass_state
+def stats_command(state: State, days: int, domains: tuple[str, ...], as_json: bool) -> None:
+    """Messages scanned, passed, held and released per day; top reasons and senders."""
+    wanted = [d.strip().lower() for d in domains] or None
+    with state.database().sessions() as session:
+        summary = stats.summary(session, days, wanted)
+    if as_json:
+        click.echo(json.dumps(summary.as_dict(), indent=1))
+        return
+    names = stats.DAILY
+    click.echo("day         " + " ".join(f"{n:>14}" for n in names))
+    for row in summary.days:
+        click.echo(f"{row['day']}  " + " ".join(f"{row[n]:>14}" for n in names))
+    click.echo("total       " + " ".join(f"{summary.totals[n]:>14}" for n in names))
+    click.echo("")
+    click.echo(
+        f"held since {summary.since}: {summary.held}, released: {summary.released}"
+        f" ({summary.release_rate:.1%})"
+    )
+    click.echo("top reasons:")
+    for code, count in summary.top_reasons:
+        click.echo(f"  {count:>8}  {code}")
+    click.echo("top sending domains held:")
+    for domain, count in summary.top_sender_domains:
+        click.echo(f"  {count:>8}  {domain}")
+
+
+@cli.command("audit")
+@click.option("--mailbox", default="", help="Events about mailboxes whose address contains this.")
+@click.option("--actor", default="", help="Events by an actor whose name or type contains this.")
+@click.option("--action", default="", help="Events whose action starts with this.")
+@click.option("--since", default=None, help="From this date or time (UTC).")
+@click.option("--until", default=None, help="Before this date or time (UTC).")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, None))
+@click.option("--csv", "as_csv", is_flag=True, help="CSV with a header line (no limit).")
+@pass_state
+def audit_command(
+    state: State,
+    mailbox: str,
+    actor: str,
+    action: str,
+    since: str | None,
+    until: str | None,
+    limit: int,
+    as_csv: bool,
+) -> None:
+    """Show the audit log, newest first."""
+    criteria = auditlog.Filter(
+        mailbox, actor, action, parse_time(since, "--since"), parse_time(until, "--until")
+    )
+    with state.database().sessions() as session:
+        if as_csv:
+            for piece in auditlog.to_csv(auditlog.iterate(session, criteria)):
+                sys.stdout.write(piece)
+            return
+        rows = auditlog.search(session, criteria, limit=limit)
+    for row in rows:
+        detail = json.dumps(row["detail"], ensure_ascii=False, sort_keys=True)
+        click.echo(
+            f"{row['at'][:19]}  {row['actor_type']}:{row['actor']}  {row['action']}"
+            f"  {row['mailbox'] or '-'}  {row['message_id'] or '-'}  {detail}"
+        )
+    if not rows:
+        click.echo("no matching events", err=True)
