@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from cleanmail import audit
@@ -97,8 +97,11 @@ def authenticate(session: Session, secret: str) -> ApiToken | None:
     return token
 
 
-def touch(session: Session, token: ApiToken) -> None:
-    """Note that a token was used (at most once a minute)."""
-    now = utcnow()
-    if token.last_used_at is None or now - token.last_used_at > TOUCH_EVERY:
-        token.last_used_at = now
+def needs_touch(token: ApiToken) -> bool:
+    """Whether the token's last use is worth writing down again (at most once a minute)."""
+    return token.last_used_at is None or utcnow() - token.last_used_at > TOUCH_EVERY
+
+
+def touch(session: Session, token_id: int) -> None:
+    """Note that a token was used now."""
+    session.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=utcnow()))

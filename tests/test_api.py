@@ -1,0 +1,209 @@
+"""The REST API: bearer tokens, scoping to domains, JSON errors, actions and their audit."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from sqlalchemy import select
+
+from cleanmail import apitokens, audit, mailboxes
+from cleanmail.models import AuditEvent, ListEntry, Message, Status
+from tests.conftest import hold_message
+from tests.messages import message
+
+ACTOR = audit.Actor("operator", "test")
+
+
+def make_token(database, name, domains=()):
+    """A new API token's secret."""
+    with database.session_scope(write=True) as session:
+        return apitokens.create(session, ACTOR, name, domains).secret
+
+
+def bearer(secret):
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture
+def two_domains(database, owner):
+    """example.no (ola) and example.dk (mette), each with a held message."""
+    with database.session_scope(write=True) as session:
+        mailboxes.add_domain(session, ACTOR, "example.dk")
+        mette = mailboxes.add_mailbox(session, ACTOR, "mette@example.dk")
+    return owner, mette
+
+
+@pytest.fixture
+def held(database, store, two_domains):
+    ola, mette = two_domains
+    ours = hold_message(database, store, ola.id, message(subject="Invoice 42"))
+    theirs = hold_message(
+        database, store, mette.id, message(subject="Faktura 7", to="mette@example.dk")
+    )
+    return ours, theirs
+
+
+def test_requests_without_a_valid_token_get_401_in_json(client, database):
+    for headers in ({}, bearer("cm_wrong"), {"Authorization": "Basic !!!"}):
+        response = client.get("/api/v1/stats", headers=headers)
+        assert response.status_code == 401
+        assert response.json["error"]["status"] == 401
+        assert "token" in response.json["error"]["message"]
+
+
+def test_revoked_tokens_stop_working_at_once(client, database):
+    secret = make_token(database, "ops")
+    assert client.get("/api/v1/stats", headers=bearer(secret)).status_code == 200
+    with database.session_scope(write=True) as session:
+        apitokens.revoke(session, ACTOR, "ops")
+    assert client.get("/api/v1/stats", headers=bearer(secret)).status_code == 401
+
+
+def test_tokens_are_stored_hashed(database):
+    secret = make_token(database, "ops")
+    with database.session_scope() as session:
+        (token,) = apitokens.list_tokens(session)
+        assert token.token_hash == apitokens.hash_secret(secret)
+        assert secret not in (token.token_hash, token.prefix)
+
+
+def test_basic_auth_password_is_a_token_too(client, database):
+    secret = make_token(database, "rspamd")
+    basic = base64.b64encode(f"rspamd:{secret}".encode()).decode()
+    response = client.get("/api/v1/stats", headers={"Authorization": f"Basic {basic}"})
+    assert response.status_code == 200
+
+
+def test_message_details_and_release_reach_the_sink(client, database, held, smtp_sink):
+    ours, _theirs = held
+    secret = make_token(database, "ops")
+    details = client.get(f"/api/v1/messages/{ours}", headers=bearer(secret))
+    assert details.status_code == 200
+    assert details.json["subject"] == "Invoice 42"
+    assert details.json["mailbox"] == "ola@example.no"
+    released = client.post(f"/api/v1/messages/{ours}/release", headers=bearer(secret))
+    assert released.status_code == 200 and released.json["released"] is True
+    assert smtp_sink.wait_for(1)[0].rcpt_tos == ["ola@example.no"]
+    again = client.post(f"/api/v1/messages/{ours}/release", headers=bearer(secret))
+    assert again.json["released"] is False
+    with database.session_scope() as session:
+        event = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "message.release")
+        ).one()
+        assert (event.actor_type, event.actor, event.message_id) == ("api", "ops", ours)
+
+
+def test_delete_is_audited_with_the_token_name(client, database, held):
+    ours, _theirs = held
+    secret = make_token(database, "ops")
+    response = client.delete(f"/api/v1/messages/{ours}", headers=bearer(secret))
+    assert response.status_code == 200
+    with database.session_scope() as session:
+        assert session.get(Message, ours).status == Status.DELETED
+        event = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "message.delete")
+        ).one()
+        assert (event.actor_type, event.actor) == ("api", "ops")
+
+
+def test_domain_token_never_sees_or_touches_another_domain(client, database, held, smtp_sink):
+    ours, theirs = held
+    secret = make_token(database, "no-admin", ["example.no"])
+    h = bearer(secret)
+    assert client.get(f"/api/v1/messages/{ours}", headers=h).status_code == 200
+    refused = [
+        client.get(f"/api/v1/messages/{theirs}", headers=h),
+        client.post(f"/api/v1/messages/{theirs}/release", headers=h),
+        client.delete(f"/api/v1/messages/{theirs}", headers=h),
+        client.get("/api/v1/mailboxes/mette@example.dk", headers=h),
+        client.post("/api/v1/mailboxes/mette@example.dk/login-link", headers=h),
+        client.get("/api/v1/lists?scope=domain&owner=example.dk", headers=h),
+        client.get("/api/v1/lists?scope=mailbox&owner=mette@example.dk", headers=h),
+        client.post(
+            "/api/v1/lists",
+            json={"scope": "domain", "owner": "example.dk", "action": "allow", "pattern": "x.com"},
+            headers=h,
+        ),
+        client.get("/api/v1/stats?domain=example.dk", headers=h),
+    ]
+    assert [r.status_code for r in refused] == [404] * len(refused)
+    operator_only = [
+        client.get("/api/v1/lists?scope=global", headers=h),
+        client.post(
+            "/api/v1/lists",
+            json={"scope": "global", "action": "block", "pattern": "x.com"},
+            headers=h,
+        ),
+        client.get("/api/v1/reports/status", headers=h),
+    ]
+    assert [r.status_code for r in operator_only] == [403] * len(operator_only)
+    found = client.get("/api/v1/mailboxes", headers=h).json["mailboxes"]
+    assert [m["address"] for m in found] == ["ola@example.no"]
+    with database.session_scope() as session:
+        assert session.get(Message, theirs).status == Status.NEW
+        assert session.scalars(select(ListEntry)).all() == []
+    assert smtp_sink.messages == []
+
+
+def test_lists_add_and_remove(client, database, owner):
+    secret = make_token(database, "ops")
+    h = bearer(secret)
+    added = client.post(
+        "/api/v1/lists",
+        json={
+            "scope": "mailbox",
+            "owner": "ola@example.no",
+            "action": "block",
+            "pattern": "*@spam.example",
+        },
+        headers=h,
+    )
+    assert added.status_code == 201
+    entries = client.get("/api/v1/lists?scope=mailbox&owner=ola@example.no", headers=h).json
+    assert [e["pattern"] for e in entries["entries"]] == ["spam.example"]
+    bad = client.post(
+        "/api/v1/lists",
+        json={
+            "scope": "mailbox",
+            "owner": "ola@example.no",
+            "action": "block",
+            "pattern": "not a pattern!",
+        },
+        headers=h,
+    )
+    assert bad.status_code == 400 and bad.json["error"]["message"]
+    removed = client.delete(f"/api/v1/lists/{added.json['id']}", headers=h)
+    assert removed.status_code == 200
+    with database.session_scope() as session:
+        actions = session.scalars(select(AuditEvent.action).where(AuditEvent.actor_type == "api"))
+        assert list(actions) == ["list.block", "list.remove"]
+
+
+def test_login_link_for_a_mailbox_logs_the_owner_in(client, database, owner):
+    secret = make_token(database, "ops")
+    response = client.post("/api/v1/mailboxes/ola@example.no/login-link", headers=bearer(secret))
+    assert response.status_code == 201
+    url = response.json["url"]
+    path = url.split("://", 1)[1].partition("/")[2]
+    opened = client.get("/" + path)
+    assert opened.status_code == 303
+    assert client.get(opened.headers["Location"]).status_code == 200
+
+
+def test_bad_input_gets_a_clear_json_error(client, database, owner):
+    h = bearer(make_token(database, "ops"))
+    cases = [
+        client.post("/api/v1/lists", data="not json", headers=h),
+        client.post("/api/v1/lists", json={"scope": "planet"}, headers=h),
+        client.post(
+            "/api/v1/lists", json={"scope": "mailbox", "action": "allow", "pattern": 7}, headers=h
+        ),
+        client.get("/api/v1/stats?days=zero", headers=h),
+        client.get("/api/v1/stats?days=100000", headers=h),
+        client.get("/api/v1/mailboxes?limit=-1", headers=h),
+    ]
+    assert [r.status_code for r in cases] == [400] * len(cases)
+    assert all(r.is_json and r.json["error"]["message"] for r in cases)
+    assert client.get("/api/v1/nowhere", headers=h).json["error"]["status"] == 404
+    assert client.put("/api/v1/stats", headers=h).json["error"]["status"] == 405
