@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    func,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -172,6 +173,15 @@ class Message(Base):
         # A message that Postfix retries after a 4xx is stored once per mailbox.
         Index("uq_messages_mailbox_raw", "mailbox_id", "raw_sha256", unique=True),
         Index("ix_messages_raw_sha256", "raw_sha256"),
+        # The operators' search (cleanmail/search.py). On PostgreSQL migration 0004 also adds
+        # trigram (subject words) and JSONB (reason codes) GIN indexes.
+        Index("ix_messages_from_address_received", "from_address", "received_at"),
+        Index(
+            "ix_messages_envelope_sender_received",
+            func.lower(func.substr(text("envelope_sender"), 1, 320)),
+            "received_at",
+        ),
+        Index("ix_messages_score_id", "score", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -332,6 +342,60 @@ class Report(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     message_id_header: Mapped[str] = mapped_column(String(255), default="")
+
+
+class DomainAdmin(Base):
+    """A domain that a domain admin looks after: they see and act on its mail only."""
+
+    __tablename__ = "domain_admins"
+    __table_args__ = (Index("ix_domain_admins_domain_id", "domain_id"),)
+
+    mailbox_id: Mapped[int] = mapped_column(
+        ForeignKey("mailboxes.id", ondelete="CASCADE"), primary_key=True
+    )
+    domain_id: Mapped[int] = mapped_column(
+        ForeignKey("domains.id", ondelete="CASCADE"), primary_key=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class BulkStatus(enum.StrEnum):
+    """Where a bulk release or delete is."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    CANCELLED = "cancelled"
+
+
+class BulkJob(Base):
+    """A release or delete of many messages, worked through in the background with progress."""
+
+    __tablename__ = "bulk_jobs"
+    __table_args__ = (Index("ix_bulk_jobs_status_heartbeat", "status", "heartbeat_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    action: Mapped[str] = mapped_column(String(16))
+    # The search (search.Query as a dict) or the selected ids the job works through.
+    criteria: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The staff member's domains at the time (None: every domain); checked again per message.
+    domain_ids: Mapped[list[int] | None] = mapped_column(JSON)
+    staff_id: Mapped[int | None] = mapped_column(ForeignKey("mailboxes.id", ondelete="SET NULL"))
+    actor_type: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(320), default="")
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default=BulkStatus.PENDING)
+    worker: Mapped[str | None] = mapped_column(String(64))  # the runner that claimed it
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    last_id: Mapped[int] = mapped_column(BigInteger, default=0)  # the keyset cursor: resumable
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class DailyStat(Base):

@@ -334,7 +334,7 @@ def _conditions(session: Session, mailbox_id: int, criteria: Criteria) -> list[A
             )
         )
     if criteria.reason:
-        conditions.append(_has_reason(session, criteria.reason))
+        conditions.append(has_reason(session, criteria.reason))
     if criteria.since is not None:
         conditions.append(Message.received_at >= criteria.since)
     if criteria.until is not None:
@@ -342,7 +342,7 @@ def _conditions(session: Session, mailbox_id: int, criteria: Criteria) -> list[A
     return conditions
 
 
-def _has_reason(session: Session, code: str) -> Any:
+def has_reason(session: Session, code: str) -> Any:
     """A message whose reasons include one with this code, in each backend's JSON."""
     if session.get_bind().dialect.name == "postgresql":
         return cast(Message.reasons, JSONB).contains([{"code": code}])

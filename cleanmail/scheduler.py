@@ -41,6 +41,7 @@ TICK_VARIABLE = "CLEANMAIL_SCHEDULER_TICK"
 TICK = 2.0  # seconds between a standby's attempts, and between the leader's checks
 REPORTS_EVERY = timedelta(minutes=1)
 PURGE_EVERY = timedelta(minutes=15)
+BULK_EVERY = timedelta(minutes=1)
 # coalesce: however many runs were missed, one catch-up run; no grace limit, so that it
 # does happen even after a long outage.
 JOB_DEFAULTS = {"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
@@ -88,9 +89,22 @@ def purge_job() -> None:
         log.info("purge: %d messages expired, %d files removed", result.expired, result.orphans)
 
 
+def bulk_job() -> None:
+    """Resume bulk releases and deletes whose web worker died before finishing them."""
+    from cleanmail import bulk
+
+    runtime = _current()
+    config = runtime.config
+    relay = Relay(config.relay, timeout=config.relay_timeout, hostname=config.hostname)
+    resumed = bulk.resume(runtime.database, Store(config.store_dir), relay)
+    if resumed:
+        log.info("bulk: %d interrupted jobs resumed", resumed)
+
+
 JOBS: dict[str, tuple[Any, timedelta]] = {
     "reports": (reports_job, REPORTS_EVERY),
     "purge": (purge_job, PURGE_EVERY),
+    "bulk": (bulk_job, BULK_EVERY),
 }
 
 

@@ -10,6 +10,9 @@ import click
 
 from cleanmail import config as config_module
 from cleanmail import db, lists, mailboxes, quarantine, store
+from cleanmail.bulk import BulkError
+from cleanmail.search import SearchError
+from cleanmail.staff import StaffError
 
 # Errors that mean "bad input or setup": one clear line and a non-zero exit, no traceback.
 CLEAR_ERRORS = (
@@ -19,6 +22,9 @@ CLEAR_ERRORS = (
     lists.ListError,
     quarantine.QuarantineError,
     store.StoreError,
+    StaffError,
+    SearchError,
+    BulkError,
 )
 
 
@@ -93,6 +99,7 @@ def main() -> None:
         operations,
         reports,
         scheduler,
+        staff,
     )
 
     try:

@@ -1,0 +1,255 @@
+"""Bulk release and delete: a job row worked through in the background, with progress.
+
+Why a table and not a request: releasing ten thousand messages takes longer than any
+page should, and the operator must be able to leave and come back. ``create`` records
+the job (what, for whom, within which domains) in the request's transaction; the web
+process then starts ``run`` in a thread at once, and the scheduler's ``resume``
+takes over any job whose runner died (a restarted web worker): a job is claimed with
+a worker id and a heartbeat, and each message is handled in its own transaction that
+also moves the job's counters and its keyset cursor (``last_id``), so progress is
+exact and a resumed job neither skips nor repeats a message. The per-message work is
+``quarantine.release`` / ``quarantine.delete``: row lock, released once, audited, a
+refused release kept on the message with its error and retryable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from datetime import datetime, timedelta
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from cleanmail import audit, db, quarantine, search
+from cleanmail.models import BulkJob, BulkStatus, Message, Status, utcnow
+from cleanmail.relay import Relay
+from cleanmail.staff import Access, access_from_json
+from cleanmail.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("release", "delete")
+BATCH = 200
+# A runner that has not moved its job for this long is taken to be dead. Longer than a
+# relay timeout, so that a slow mail server does not make two runners share a job.
+STALE = timedelta(minutes=5)
+PENDING_GRACE = timedelta(seconds=30)  # the web's own thread starts a job well within this
+
+
+class BulkError(ValueError):
+    """A bulk job that cannot be made or changed; the message says why."""
+
+
+def create(
+    session: Session, access: Access, actor: audit.Actor, action: str, query: search.Query
+) -> BulkJob:
+    """Record a bulk job over everything the query matches (within ``access``)."""
+    if action not in ACTIONS:
+        raise BulkError(f"unknown bulk action {action!r}")
+    total = search.count(session, access, _target(action, query))
+    job = BulkJob(
+        action=action,
+        criteria=query.to_json(),
+        domain_ids=access.to_json(),
+        staff_id=access.staff_id,
+        actor_type=actor.type,
+        actor=actor.name,
+        remote_addr=actor.remote_addr,
+        status=BulkStatus.PENDING,
+        total=total,
+        done=0,
+        failed=0,
+        skipped=0,
+        last_id=0,
+    )
+    session.add(job)
+    session.flush()
+    audit.record(session, actor, f"bulk.{action}", job_id=job.id, total=total, **_summary(query))
+    return job
+
+
+def _summary(query: search.Query) -> dict[str, object]:
+    """The non-empty fields of a query, for the audit log (a selection as its size)."""
+    values = {k: v for k, v in query.to_json().items() if v not in (None, "", [], ())}
+    if "ids" in values:
+        values["ids"] = len(query.ids)
+    return values
+
+
+def _target(action: str, query: search.Query) -> search.Query:
+    """The query narrowed to the messages the action can still change."""
+    allowed = (Status.NEW,) if action == "release" else (Status.NEW, Status.RELEASED)
+    statuses = tuple(s for s in (query.statuses or allowed) if s in allowed) or ("none",)
+    return search.Query(**{**query.__dict__, "statuses": statuses})
+
+
+def get(session: Session, access: Access, job_id: int) -> BulkJob:
+    """A job the member of staff may see: their own, or any for an operator."""
+    job = session.get(BulkJob, job_id)
+    if job is None or not (access.operator or job.staff_id == access.staff_id):
+        raise BulkError(f"no bulk job {job_id}")
+    return job
+
+
+def recent(session: Session, access: Access, limit: int = 20) -> list[BulkJob]:
+    """The newest jobs this member may see."""
+    query = select(BulkJob).order_by(BulkJob.id.desc()).limit(limit)
+    if not access.operator:
+        query = query.where(BulkJob.staff_id == access.staff_id)
+    return list(session.scalars(query))
+
+
+def cancel(session: Session, access: Access, actor: audit.Actor, job_id: int) -> BulkJob:
+    """Stop a job after the message in hand; what was done stays done."""
+    job = get(session, access, job_id)
+    if job.status in (BulkStatus.PENDING, BulkStatus.RUNNING):
+        job.status = BulkStatus.CANCELLED
+        job.finished_at = utcnow()
+        audit.record(session, actor, "bulk.cancel", job_id=job.id, done=job.done)
+    return job
+
+
+def _claim(database: db.Database, job_id: int, worker: str, now: datetime) -> bool:
+    """Take a pending job, or a running one whose runner has gone quiet."""
+    with database.session_scope(write=True) as session:
+        claimed = session.execute(
+            update(BulkJob)
+            .where(
+                BulkJob.id == job_id,
+                or_(
+                    BulkJob.status == BulkStatus.PENDING,
+                    (BulkJob.status == BulkStatus.RUNNING) & (BulkJob.heartbeat_at < now - STALE),
+                ),
+            )
+            .values(status=BulkStatus.RUNNING, worker=worker, heartbeat_at=now)
+        )
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        job = session.get(BulkJob, job_id)
+        assert job is not None
+        job.started_at = job.started_at or now
+        return True
+
+
+def run(database: db.Database, store: Store, relay: Relay, job_id: int) -> bool:
+    """Work a job through to its end; False when another runner has it (or it is over)."""
+    worker = uuid.uuid4().hex
+    if not _claim(database, job_id, worker, utcnow()):
+        return False
+    try:
+        while True:
+            with database.session_scope() as session:
+                job = session.get(BulkJob, job_id)
+                if job is None or job.worker != worker or job.status != BulkStatus.RUNNING:
+                    return True
+                access = access_from_json(job.actor_type, job.staff_id, job.domain_ids)
+                query = _target(job.action, search.Query.from_json(job.criteria))
+                batch = next(
+                    search.batches(session, access, query, after_id=job.last_id, size=BATCH), []
+                )
+            if not batch:
+                _finish(database, job_id, worker)
+                return True
+            for message_id in batch:
+                if not _one(database, store, relay, job_id, worker, message_id):
+                    return True
+    except Exception:
+        log.exception("bulk job %d stopped; the scheduler resumes it", job_id)
+        raise
+    finally:
+        relay.close()
+
+
+def _one(
+    database: db.Database, store: Store, relay: Relay, job_id: int, worker: str, message_id: int
+) -> bool:
+    """Handle one message and move the job on, in one transaction; False to stop."""
+    with database.session_scope(write=True) as session:
+        job = session.get(BulkJob, job_id, with_for_update=True)
+        if job is None or job.worker != worker or job.status != BulkStatus.RUNNING:
+            return False
+        actor = audit.Actor(job.actor_type, job.actor, job.remote_addr)
+        message = session.get(Message, message_id)
+        outcome = "skipped"
+        if message is not None:
+            try:
+                outcome = _act(session, store, relay, job.action, message, actor)
+            except quarantine.ReleaseFailed as exc:  # kept on the message, retryable
+                outcome, job.last_error = "failed", str(exc)[:1000]
+            except StoreError as exc:  # its content is unreadable: counted, not retried here
+                outcome, job.last_error = "failed", str(exc)[:1000]
+            except quarantine.QuarantineError:  # deleted or expired meanwhile
+                outcome = "skipped"
+        setattr(job, outcome, getattr(job, outcome) + 1)
+        job.last_id = max(job.last_id, message_id)
+        job.heartbeat_at = utcnow()
+    return True
+
+
+def _act(
+    session: Session, store: Store, relay: Relay, action: str, message: Message, actor: audit.Actor
+) -> str:
+    if action == "release":
+        return "done" if quarantine.release(session, store, relay, message, actor) else "skipped"
+    session.refresh(message, with_for_update=True)
+    if message.status not in (Status.NEW, Status.RELEASED):
+        return "skipped"
+    quarantine.delete(session, store, message, actor)
+    return "done"
+
+
+def _finish(database: db.Database, job_id: int, worker: str) -> None:
+    with database.session_scope(write=True) as session:
+        job = session.get(BulkJob, job_id, with_for_update=True)
+        if job is None or job.worker != worker or job.status != BulkStatus.RUNNING:
+            return
+        job.status, job.finished_at = BulkStatus.DONE, utcnow()
+        actor = audit.Actor(job.actor_type, job.actor, job.remote_addr)
+        audit.record(
+            session,
+            actor,
+            "bulk.finish",
+            job_id=job.id,
+            done=job.done,
+            failed=job.failed,
+            skipped=job.skipped,
+        )
+
+
+def start(database: db.Database, store: Store, relay: Relay, job_id: int) -> threading.Thread:
+    """Run a job in a background thread of this process (after its row is committed)."""
+    # A relay of its own: connections are per thread, and this thread closes its one.
+    own = Relay(relay.endpoint, timeout=relay.timeout, hostname=relay.hostname)
+    thread = threading.Thread(
+        target=_run_logged, args=(database, store, own, job_id), name=f"bulk-{job_id}", daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def _run_logged(database: db.Database, store: Store, relay: Relay, job_id: int) -> None:
+    try:
+        run(database, store, relay, job_id)
+    except Exception:  # logged by run(); the scheduler resumes the job
+        return
+
+
+def resume(database: db.Database, store: Store, relay: Relay, now: datetime | None = None) -> int:
+    """Run the jobs nobody is working on (their web worker died); how many were run."""
+    now = now or utcnow()
+    with database.session_scope() as session:
+        orphans = list(
+            session.scalars(
+                select(BulkJob.id).where(
+                    or_(
+                        (BulkJob.status == BulkStatus.PENDING)
+                        & (BulkJob.created_at < now - PENDING_GRACE),
+                        (BulkJob.status == BulkStatus.RUNNING)
+                        & (BulkJob.heartbeat_at < now - STALE),
+                    )
+                )
+            )
+        )
+    return sum(1 for job_id in orphans if run(database, store, relay, job_id))
