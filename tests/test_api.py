@@ -207,3 +207,92 @@ def test_bad_input_gets_a_clear_json_error(client, database, owner):
     assert all(r.is_json and r.json["error"]["message"] for r in cases)
     assert client.get("/api/v1/nowhere", headers=h).json["error"]["status"] == 404
     assert client.put("/api/v1/stats", headers=h).json["error"]["status"] == 405
+
+
+def test_search_finds_by_sender_and_subject_within_the_token_scope(
+    client, database, store, two_domains
+):
+    ola, mette = two_domains
+    hold_message(
+        database,
+        store,
+        ola.id,
+        message(subject="Invoice 42", sender="bill@supplier.no"),
+        sender="bill@supplier.no",
+    )
+    hold_message(
+        database,
+        store,
+        ola.id,
+        message(subject="Lunch", sender="kari@friends.no"),
+        sender="kari@friends.no",
+    )
+    hold_message(
+        database,
+        store,
+        mette.id,
+        message(subject="Invoice 7", to="mette@example.dk", sender="bill@supplier.no"),
+        sender="bill@supplier.no",
+    )
+    operator = bearer(make_token(database, "ops"))
+    found = client.get("/api/v1/messages?sender=supplier.no", headers=operator).json
+    assert sorted(m["mailbox"] for m in found["messages"]) == ["mette@example.dk", "ola@example.no"]
+    assert found["total"] == 2
+    words = client.get("/api/v1/messages?subject=invoice", headers=operator).json
+    assert {m["subject"] for m in words["messages"]} == {"Invoice 42", "Invoice 7"}
+    scoped = bearer(make_token(database, "no-admin", ["example.no"]))
+    mine = client.get("/api/v1/messages?sender=supplier.no", headers=scoped).json
+    assert [m["mailbox"] for m in mine["messages"]] == ["ola@example.no"]
+    everything = client.get("/api/v1/messages?status=any&limit=1", headers=scoped).json
+    assert everything["total"] == 2 and len(everything["messages"]) == 1
+    rest = client.get(
+        "/api/v1/messages",
+        query_string={"status": "any", "cursor": everything["next_cursor"]},
+        headers=scoped,
+    ).json
+    assert len(rest["messages"]) == 1 and rest["next_cursor"] is None
+    assert client.get("/api/v1/messages?cursor=[1", headers=scoped).status_code == 400
+    assert client.get("/api/v1/messages?since=yesterday", headers=scoped).status_code == 400
+
+
+def test_bulk_release_by_search_only_within_the_token_domains(
+    client, database, store, two_domains, smtp_sink
+):
+    ola, mette = two_domains
+    for n in range(3):
+        hold_message(
+            database,
+            store,
+            ola.id,
+            message(subject=f"Invoice {n}", sender="bill@supplier.no"),
+            sender="bill@supplier.no",
+        )
+    theirs = hold_message(
+        database,
+        store,
+        mette.id,
+        message(subject="Invoice 7", to="mette@example.dk", sender="bill@supplier.no"),
+        sender="bill@supplier.no",
+    )
+    scoped = bearer(make_token(database, "no-admin", ["example.no"]))
+    created = client.post(
+        "/api/v1/bulk",
+        json={"action": "release", "query": {"sender": "bill@supplier.no"}},
+        headers=scoped,
+    )
+    assert created.status_code == 202 and created.json["total"] == 3
+    assert len(smtp_sink.wait_for(3)) == 3
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/v1/bulk/{created.json['id']}", headers=scoped).json
+        if job["status"] == "done":
+            break
+        time.sleep(0.1)
+    assert (job["status"], job["done"]) == ("done", 3)
+    assert all(m.rcpt_tos == ["ola@example.no"] for m in smtp_sink.messages)
+    with database.session_scope() as session:
+        assert session.get(Message, theirs).status == Status.NEW
+    refused = client.post("/api/v1/bulk", json={"action": "release", "query": {}}, headers=scoped)
+    assert refused.status_code == 400

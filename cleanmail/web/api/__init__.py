@@ -10,13 +10,15 @@ import base64
 import binascii
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
-from cleanmail import apitokens, audit, lists, mailboxes, quarantine, web
+from cleanmail import apitokens, audit, lists, mailboxes, quarantine, search, staff, web
 from cleanmail.models import ApiToken, Domain, Mailbox, Message
 from cleanmail.store import StoreError
 from cleanmail.web import csrf
@@ -83,6 +85,7 @@ def _http_error(error: HTTPException) -> Response:
 @bp.errorhandler(lists.ListError)
 @bp.errorhandler(mailboxes.MailboxError)
 @bp.errorhandler(apitokens.TokenError)
+@bp.errorhandler(search.SearchError)
 def _bad_input(error: Exception) -> Response:
     return error_response(400, str(error))
 
@@ -150,6 +153,18 @@ def actor() -> audit.Actor:
 def domains() -> list[str] | None:
     """The domains this token may see, or None for operator tokens."""
     return list(token().domains) or None
+
+
+def access() -> staff.Access:
+    """The token's reach as the foundation's Access: every domain, or the token's domains."""
+    if "api_access" not in g:
+        names = domains()
+        if names is None:
+            g.api_access = staff.Access("api")
+        else:
+            ids = web.session().scalars(select(Domain.id).where(Domain.name.in_(names)))
+            g.api_access = staff.Access("api", None, frozenset(ids))
+    return g.api_access
 
 
 def require_operator() -> None:
@@ -221,6 +236,32 @@ def field(
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         fail(400, f"{name} has the wrong type")
     return value
+
+
+def float_arg(name: str) -> float | None:
+    """A finite number query parameter, or None when absent; 400 when malformed."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        fail(400, f"{name} must be a number")
+    if value != value or abs(value) == float("inf"):
+        fail(400, f"{name} must be a finite number")
+    return value
+
+
+def time_arg(name: str) -> datetime | None:
+    """An ISO 8601 date or time query parameter (UTC unless it says otherwise)."""
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        fail(400, f"{name} must be a date or time like 2026-11-22T08:00:00Z")
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def int_arg(name: str, default: int, low: int, high: int) -> int:

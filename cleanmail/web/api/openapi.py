@@ -82,6 +82,22 @@ SCHEMAS: dict[str, Any] = {
             "created_at": STRING,
         },
     },
+    "BulkJob": {
+        "type": "object",
+        "required": ["id", "action", "status", "total", "done"],
+        "properties": {
+            "id": INTEGER,
+            "action": STRING,
+            "status": {"enum": ["pending", "running", "done", "cancelled"]},
+            "total": INTEGER,
+            "done": INTEGER,
+            "failed": INTEGER,
+            "skipped": INTEGER,
+            "last_error": NULLABLE_STRING,
+            "created_at": STRING,
+            "finished_at": NULLABLE_STRING,
+        },
+    },
     "Mailbox": {
         "type": "object",
         "required": ["address"],
@@ -119,8 +135,10 @@ def _paths() -> dict[str, Any]:
                         ("until", {"type": "string", "format": "date-time"}),
                         ("min_score", {"type": "number"}),
                         ("max_score", {"type": "number"}),
+                        ("sort", {"enum": ["date", "score", "sender", "size", "recipient"]}),
+                        ("order", {"enum": ["asc", "desc"]}),
                         ("limit", {"type": "integer", "minimum": 1, "maximum": 500}),
-                        ("page", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                        ("cursor", STRING),
                     )
                 ],
                 "responses": {
@@ -131,7 +149,8 @@ def _paths() -> dict[str, Any]:
                             "properties": {
                                 "messages": {"type": "array", "items": _ref("Message")},
                                 "total": INTEGER,
-                                "page": INTEGER,
+                                "total_is_exact": {"type": "boolean"},
+                                "next_cursor": NULLABLE_STRING,
                             },
                         }
                     ),
@@ -173,6 +192,45 @@ def _paths() -> dict[str, Any]:
                     "502": {"$ref": "#/components/responses/Error"},
                     **ERRORS,
                 },
+            },
+        },
+        "/bulk": {
+            "post": {
+                "summary": "Release or delete everything a search matches, in the background",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["action", "query"],
+                                "properties": {
+                                    "action": {"enum": ["release", "delete"]},
+                                    "query": {
+                                        "type": "object",
+                                        "properties": {
+                                            "recipient": STRING,
+                                            "sender": STRING,
+                                            "subject": STRING,
+                                            "reason": STRING,
+                                            "since": STRING,
+                                            "until": STRING,
+                                            "ids": {"type": "array", "items": INTEGER},
+                                        },
+                                    },
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {"202": _json(_ref("BulkJob"), "Accepted"), **ERRORS},
+            }
+        },
+        "/bulk/{job_id}": {
+            "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": INTEGER}],
+            "get": {
+                "summary": "A bulk job's progress",
+                "responses": {"200": _json(_ref("BulkJob")), **ERRORS},
             },
         },
         "/lists": {
