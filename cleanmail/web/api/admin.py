@@ -77,7 +77,7 @@ def add_entry() -> tuple[Response, int]:
     return jsonify(entry_json(entry, name)), 201
 
 
-@api.route("/lists/<int:entry_id>", methods=["DELETE"])
+@api.route("/lists/<int(max=2147483647):entry_id>", methods=["DELETE"])
 def remove_entry(entry_id: int) -> Response:
     """Take an entry off its list."""
     session = web.session()
