@@ -61,6 +61,7 @@ class Config:
     trusted_proxies: int = 0
     mail_from: str = ""
     log_level: str = "INFO"
+    log_format: str = "text"
 
     @property
     def store_dir(self) -> Path:
@@ -133,6 +134,12 @@ def _log_level(value: str) -> str:
     return level
 
 
+def _log_format(value: str) -> str:
+    if value.lower() not in ("text", "keyvalue", "json"):
+        raise ValueError(f"expected text, keyvalue or json, got {value!r}")
+    return value.lower()
+
+
 # name -> parser of the text form; the instance file may also give native TOML values.
 PARSERS: dict[str, Callable[[str], Any]] = {
     "database_url": _database_url,
@@ -156,6 +163,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "trusted_proxies": int,
     "mail_from": str,
     "log_level": _log_level,
+    "log_format": _log_format,
 }
 
 DEFAULTS: dict[str, str] = {

@@ -9,6 +9,7 @@ owner gets a second report for the same messages, and none is skipped.
 from __future__ import annotations
 
 import email.parser
+import logging
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,12 +23,14 @@ from flask_babel import Babel, force_locale
 from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from cleanmail import mailboxes, mailer, reasons, stats, tokens
+from cleanmail import logs, mailboxes, mailer, reasons, stats, tokens
 from cleanmail.config import Config
 from cleanmail.db import Database
 from cleanmail.models import Domain, Mailbox, Message, Report, ReportRun, ReportStatus, Status
 from cleanmail.models import ReportFrequency as Frequency
 from cleanmail.relay import Relay, RelayError
+
+log = logging.getLogger(__name__)
 
 REPORT_ROWS = 50  # messages listed in one report; the rest are "and N more"
 BATCH = 1000  # mailboxes or reports read per query, so a run never holds them all
@@ -258,6 +261,14 @@ def send_one(
             assert report is not None
             _record_failure(report, exc, now)
             stats.bump(session, "reports_failed", stats.address_domain(to))
+        logs.event(
+            log,
+            "report.failed",
+            level=logging.WARNING,
+            report_id=report_id,
+            mailbox=to,
+            error=str(exc),
+        )
         return False
     headers = email.parser.BytesHeaderParser().parsebytes(raw)
     with sessions.begin() as session:
@@ -268,6 +279,7 @@ def send_one(
         report.next_attempt_at = None
         report.message_id_header = str(headers["Message-ID"] or "")[:255]
         stats.bump(session, "reports_sent", stats.address_domain(to))
+    logs.event(log, "report.sent", report_id=report_id, mailbox=to)
     return True
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from sqlalchemy.exc import SQLAlchemyError
 
-from cleanmail import mime, stats
+from cleanmail import logs, mime, stats
 from cleanmail.config import Config, ConfigError
 from cleanmail.filter.engines import Envelope as CheckEnvelope
 from cleanmail.filter.pipeline import Pipeline
@@ -256,13 +256,14 @@ class Handler:
             self.in_flight -= 1
             if not self.in_flight:
                 self.idle.set()
-        log.info(
-            "message from=<%s> rcpts=%d size=%d reply=%r seconds=%.3f",
-            envelope.mail_from,
-            len(envelope.rcpt_tos),
-            len(envelope.original_content or b""),
-            reply,
-            time.monotonic() - started,
+        logs.event(
+            log,
+            "message.checked",
+            sender=envelope.mail_from,
+            rcpts=len(envelope.rcpt_tos),
+            size=len(envelope.original_content or b""),
+            reply=reply,
+            seconds=round(time.monotonic() - started, 3),
         )
         return reply
 
