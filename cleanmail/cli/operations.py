@@ -1,15 +1,18 @@
-"""Operator commands: API tokens, statistics and the audit log."""
+"""Operator commands: release and delete in bulk, API tokens, statistics, the audit log."""
 
 from __future__ import annotations
 
 import json
 import sys
 from datetime import UTC, datetime
+from typing import Any
 
 import click
 
-from cleanmail import apitokens, audit, auditlog, stats
+from cleanmail import apitokens, audit, auditlog, bulk, search, staff, stats
 from cleanmail.cli import State, cli, pass_state
+from cleanmail.models import BulkJob, BulkStatus, Message
+from cleanmail.relay import Relay
 
 
 def parse_time(value: str | None, option: str) -> datetime | None:
@@ -167,3 +170,108 @@ def audit_command(
         )
     if not rows:
         click.echo("no matching events", err=True)
+
+
+SHOWN = 20  # matches listed by a dry run
+
+
+def _bulk_options(func: Any) -> Any:
+    for option in reversed(
+        [
+            click.argument("ids", nargs=-1, type=click.IntRange(1, 2**63 - 1)),
+            click.option(
+                "--sender", default="", help="From address or envelope sender, or a domain."
+            ),
+            click.option("--mailbox", default="", help="Recipient mailbox, or a whole domain."),
+            click.option("--subject", default="", help="Words that must all be in the subject."),
+            click.option("--reason", default="", help="A reason code, e.g. GTUBE."),
+            click.option("--since", default=None, help="Held from this date or time (UTC)."),
+            click.option("--until", default=None, help="Held before this date or time (UTC)."),
+            click.option(
+                "--dry-run", is_flag=True, help="Show how many and which; change nothing."
+            ),
+            click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts)."),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _line(message: Message, recipient: str) -> str:
+    sender = message.from_address or message.envelope_sender
+    when = f"{message.received_at:%Y-%m-%d %H:%M}"
+    return f"{message.id}\t{when}\t{recipient}\t{sender}\t{message.subject[:60]}"
+
+
+def _bulk(state: State, action: str, options: dict[str, Any]) -> None:
+    """Release or delete by id or by search: preview, confirm, then work with progress."""
+    statuses = ("new",) if action == "release" else ("new", "released")
+    query = search.Query(
+        recipient=options["mailbox"],
+        sender=options["sender"],
+        subject=options["subject"],
+        reason=options["reason"],
+        since=parse_time(options["since"], "--since"),
+        until=parse_time(options["until"], "--until"),
+        statuses=statuses,
+        ids=tuple(options["ids"]),
+    )
+    if query.is_empty():
+        raise click.UsageError("give message ids or at least one of --sender, --mailbox, ...")
+    database = state.database()
+    with database.sessions() as session:
+        total = search.count(session, staff.OPERATOR, query)
+        shown = search.page(session, staff.OPERATOR, query, limit=SHOWN).rows
+        lines = [_line(row.message, row.recipient) for row in shown]
+    verb = "released" if action == "release" else "deleted"
+    click.echo(f"{total} messages match")
+    for line in lines:
+        click.echo(line)
+    if total > len(lines):
+        click.echo(f"... and {total - len(lines)} more")
+    if options["dry_run"]:
+        click.echo(f"dry run: nothing was {verb}")
+        return
+    if total == 0:
+        return
+    if not options["yes"]:
+        if not sys.stdin.isatty():
+            raise click.UsageError("not a terminal: add --yes to confirm")
+        click.confirm(f"{action.capitalize()} {total} messages?", abort=True)
+    config = state.config
+    with database.session_scope(write=True) as session:
+        job = bulk.create(session, staff.OPERATOR, audit.cli_actor(), action, query)
+    relay = Relay(config.relay, timeout=config.relay_timeout, hostname=config.hostname)
+    worker = bulk.start(database, state.store, relay, job.id)
+    with click.progressbar(length=job.total, label=action.capitalize(), file=sys.stderr) as bar:
+        while True:
+            worker.join(0.2)
+            with database.sessions() as session:
+                current = session.get(BulkJob, job.id)
+                assert current is not None
+                progress = current.done + current.failed + current.skipped
+            bar.update(progress - bar.pos)
+            if not worker.is_alive():
+                break
+    click.echo(
+        f"{current.done} {verb}, {current.failed} failed, {current.skipped} skipped"
+        + (f" (last error: {current.last_error})" if current.failed else "")
+    )
+    if current.failed or current.status != BulkStatus.DONE:
+        sys.exit(1)
+
+
+@cli.command("release")
+@_bulk_options
+@pass_state
+def release_command(state: State, **options: Any) -> None:
+    """Release held messages by id or by search (asks first; --yes for scripts)."""
+    _bulk(state, "release", options)
+
+
+@cli.command("delete")
+@_bulk_options
+@pass_state
+def delete_command(state: State, **options: Any) -> None:
+    """Delete messages by id or by search (asks first; --yes for scripts)."""
+    _bulk(state, "delete", options)
