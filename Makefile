@@ -7,6 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 APT_RUN := libmagic1 python3-venv ca-certificates
 APT_TEST := $(APT_RUN) postfix postgresql swaks chromium
+APT_TEST += rspamd spamassassin spamd
 PYTEST_ARGS ?=
 
 .PHONY: run test lint bench clean apt-run apt-test

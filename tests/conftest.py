@@ -23,7 +23,14 @@ from cleanmail import config as config_module
 from cleanmail import db
 from cleanmail.filter import daemon, server
 from cleanmail.store import Store
-from tests.servers import PostfixServer, PostgresServer, SmtpSink, free_port
+from tests.servers import (
+    PostfixServer,
+    PostgresServer,
+    RspamdServer,
+    SmtpSink,
+    SpamdServer,
+    free_port,
+)
 
 TEMPLATE_DB = "cleanmail_template"
 
@@ -291,3 +298,17 @@ def hold_message(
             now=at,
         )
     return message_id
+
+
+@pytest.fixture(scope="session")
+def rspamd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RspamdServer]:
+    """One private rspamd for the session (it takes several seconds to load its rules)."""
+    with RspamdServer(tmp_path_factory.mktemp("rspamd")) as rspamd:
+        yield rspamd
+
+
+@pytest.fixture(scope="session")
+def spamd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpamdServer]:
+    """One private spamd for the session, with TELL allowed (it is slow to start)."""
+    with SpamdServer(tmp_path_factory.mktemp("spamd")) as spamd:
+        yield spamd

@@ -677,3 +677,276 @@ postlog   unix-dgram n  -       n       -       1       postlogd
         """Submit a message to the front smtpd."""
         with smtplib.SMTP("127.0.0.1", self.front_port, timeout=30) as smtp:
             smtp.sendmail(mail_from, rcpt_tos, data)
+
+
+def http_request(
+    url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None
+) -> bytes:
+    """One HTTP request with urllib (tests/servers.py needs no client library); the body."""
+    import urllib.request
+
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.read()
+
+
+class RspamdServer(_ReapedServer):
+    """A private rspamd on 127.0.0.1: Debian's configuration, our local.d, no network checks.
+
+    The normal worker (``url``, for ``/checkv2``) and the controller (``controller_url``,
+    for ``/learnspam``, ``/learnham`` and ``/stat``, behind ``password`` even from
+    loopback) listen on free ports; state (Bayes in SQLite, caches) lives in the private
+    directory.  ``extra_local_d`` adds or replaces files in ``local.d``, e.g.
+    ``{"metadata_exporter.conf": "rules { ... }"}``.
+    """
+
+    USER = "_rspamd"
+    # Checks that need DNS or outside services are off, so that results are the same
+    # everywhere and no lookup waits for a timeout.
+    NETWORK_MODULES: ClassVar[tuple[str, ...]] = (
+        "arc",
+        "asn",
+        "dkim",
+        "dmarc",
+        "emails",
+        "fuzzy_check",
+        "hfilter",
+        "rbl",
+        "spf",
+        "surbl",
+    )
+
+    def __init__(
+        self,
+        tmpdir: str | os.PathLike[str] | None = None,
+        *,
+        extra_local_d: dict[str, str] | None = None,
+        password: str = "cleanmail-test",
+    ) -> None:
+        self.tmpdir = tmpdir
+        self.extra_local_d = dict(extra_local_d or {})
+        self.password = password
+        self.user = self.USER if os.geteuid() == 0 else None
+        self.port = 0
+        self.controller_port = 0
+        self.dir: Path | None = None
+        self._reaped: _Reaped | None = None
+
+    @property
+    def url(self) -> str:
+        """The normal worker's base URL (``/checkv2``)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def controller_url(self) -> str:
+        """The controller's base URL (learning, statistics)."""
+        return f"http://127.0.0.1:{self.controller_port}"
+
+    def start(self) -> Self:
+        """Write the configuration and start rspamd in the foreground; return self."""
+        self.dir = _private_dir("cleanmail-rspamd-", self.tmpdir, self.user)
+        for name in ("local.d", "override.d", "db", "run", "log"):
+            (self.dir / name).mkdir(mode=0o755)
+            if self.user:
+                shutil.chown(self.dir / name, self.user, self.user)
+        for _attempt in range(3):
+            if self._start_rspamd(free_port(), free_port()):
+                return self
+            if "Address already in use" not in self.log():
+                break  # only a port taken since free_port() is worth a retry
+        log = self.log()
+        self.stop()
+        raise RuntimeError("rspamd did not start:\n" + log)
+
+    def _write_config(self) -> None:
+        assert self.dir is not None
+        local = {
+            "worker-normal.inc": f'bind_socket = "127.0.0.1:{self.port}";\ncount = 1;\n',
+            "options.inc": (
+                'filters = "chartable,regexp";\n'
+                # A closed loopback port: any lookup that is left fails at once.
+                f'dns {{ nameserver = ["127.0.0.1:{free_port()}"]; timeout = 0.2s; '
+                "retransmits = 1; }\n"
+            ),
+            "classifier-bayes.conf": (
+                'backend = "sqlite3";\nmin_learns = 1;\n'
+                'statfile { symbol = "BAYES_HAM"; spam = false; '
+                'path = "${DBDIR}/bayes.ham.sqlite"; }\n'
+                'statfile { symbol = "BAYES_SPAM"; spam = true; '
+                'path = "${DBDIR}/bayes.spam.sqlite"; }\n'
+            ),
+            **self.extra_local_d,
+        }
+        override = {
+            # secure_ip would let loopback learn without the password; tests want it checked.
+            "worker-controller.inc": (
+                f'bind_socket = "127.0.0.1:{self.controller_port}";\ncount = 1;\n'
+                f'password = "{self.password}";\nenable_password = "{self.password}";\n'
+                'secure_ip = "192.0.2.255";\nstatic_dir = "${WWWDIR}";\n'
+            ),
+            "worker-proxy.inc": f'bind_socket = "127.0.0.1:{free_port()}";\ncount = -1;\n',
+            **{f"{name}.conf": "enabled = false;\n" for name in self.NETWORK_MODULES},
+        }
+        for folder, files in (("local.d", local), ("override.d", override)):
+            for name, text in files.items():
+                (self.dir / folder / name).write_text(text)
+
+    def _start_rspamd(self, port: int, controller_port: int) -> bool:
+        """Start rspamd on these ports; return whether both workers answer."""
+        assert self.dir is not None
+        self.port, self.controller_port = port, controller_port
+        self._write_config()
+        cmd = [_sbin("rspamd"), "-f", "-c", "/etc/rspamd/rspamd.conf"]
+        cmd += ["-u", self.user, "-g", self.user] if self.user else ["-i"]
+        for name, value in (
+            ("LOCAL_CONFDIR", self.dir),
+            ("DBDIR", self.dir / "db"),
+            ("RUNDIR", self.dir / "run"),
+            ("LOGDIR", self.dir / "log"),
+        ):
+            cmd += ["--var", f"{name}={value}"]
+        self._reaped = _Reaped(
+            cmd,
+            log_path=self.dir / "rspamd.out",
+            pidfile=self.dir / "run" / "no-pidfile",  # rspamd -f: the command itself
+            stop_signal=signal.SIGTERM,
+        )
+        deadline = time.monotonic() + 90  # loading the rules takes 5-15 s on a busy machine
+        while time.monotonic() < deadline:
+            if self._reaped.exit_code(0.2) is not None:
+                self._reaped.stop()
+                self._reaped = None
+                return False
+            try:
+                if all(http_request(f"{url}/ping") == b"pong\r\n" for url in self._urls()):
+                    return True
+            except OSError:
+                continue
+        self._reaped.stop()
+        self._reaped = None
+        return False
+
+    def _urls(self) -> tuple[str, str]:
+        return self.url, self.controller_url
+
+    def log(self) -> str:
+        """rspamd's own log and anything it printed."""
+        assert self.dir is not None
+        text = ""
+        for path in (self.dir / "rspamd.out", self.dir / "log" / "rspamd.log"):
+            if path.exists():
+                text += path.read_text(errors="replace")
+        return text
+
+    def stat(self) -> dict[str, object]:
+        """The controller's ``/stat`` (scanned and learned counts, Bayes statfiles)."""
+        body = http_request(f"{self.controller_url}/stat", headers={"Password": self.password})
+        return json.loads(body)
+
+    def learned(self) -> int:
+        """How many messages the Bayes classifier has learned (both classes)."""
+        return int(self.stat().get("total_learns") or 0)
+
+
+class SpamdServer(_ReapedServer):
+    """A private SpamAssassin spamd on 127.0.0.1: local tests only, Bayes, TELL allowed."""
+
+    USER = "debian-spamd"
+
+    def __init__(
+        self,
+        tmpdir: str | os.PathLike[str] | None = None,
+        *,
+        allow_tell: bool = True,
+        local_cf: str = "",
+    ) -> None:
+        self.tmpdir = tmpdir
+        self.allow_tell = allow_tell
+        self.local_cf = local_cf
+        self.user = self.USER if os.geteuid() == 0 else None
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.dir: Path | None = None
+        self._reaped: _Reaped | None = None
+
+    def start(self) -> Self:
+        """Write a private site configuration and start spamd; return self."""
+        self.dir = _private_dir("cleanmail-spamd-", self.tmpdir, self.user)
+        site, home = self.dir / "site", self.dir / "home"
+        site.mkdir()
+        home.mkdir()
+        for pre in glob("/etc/spamassassin/*.pre"):  # the plugin list (Bayes among them)
+            shutil.copy(pre, site)
+        (site / "local.cf").write_text(
+            "use_bayes 1\nbayes_auto_learn 0\n"
+            f"bayes_path {home}/bayes\nbayes_file_mode 0770\n"
+            "skip_rbl_checks 1\nuse_razor2 0\nuse_pyzor 0\ndns_available no\n" + self.local_cf
+        )
+        if self.user:
+            shutil.chown(home, self.user, self.user)
+        for _attempt in range(3):
+            if self._start_spamd(free_port()):
+                return self
+            if "Address already in use" not in self.log():
+                break
+        log = self.log()
+        self.stop()
+        raise RuntimeError("spamd did not start:\n" + log)
+
+    def _start_spamd(self, port: int) -> bool:
+        """Start spamd on `port`; return whether it answers PING."""
+        assert self.dir is not None
+        self.port = port
+        cmd = [
+            _sbin("spamd"),
+            "--nouser-config",
+            "--local",
+            f"--listen={self.host}:{port}",
+            f"--allowed-ips={self.host}",
+            f"--helper-home-dir={self.dir / 'home'}",
+            f"--siteconfigpath={self.dir / 'site'}",
+            "--configpath=/usr/share/spamassassin",
+            "--max-children=2",
+            "--min-children=1",
+            "--min-spare=1",
+            "--max-spare=1",
+            f"--pidfile={self.dir / 'spamd.pid'}",
+            "--syslog=stderr",
+        ]
+        if self.allow_tell:
+            cmd.append("--allow-tell")
+        if self.user:
+            cmd += [f"--username={self.user}", f"--groupname={self.user}"]
+        (self.dir / "spamd.pid").unlink(missing_ok=True)
+        self._reaped = _Reaped(
+            cmd,
+            log_path=self.dir / "spamd.log",
+            pidfile=self.dir / "spamd.pid",
+            stop_signal=signal.SIGTERM,
+        )
+        deadline = time.monotonic() + 120  # compiling the rules takes 10-40 s on a busy machine
+        while time.monotonic() < deadline:
+            if self._reaped.exit_code(0.2) is not None:
+                self._reaped.stop()
+                self._reaped = None
+                return False
+            if self.ping():
+                return True
+        self._reaped.stop()
+        self._reaped = None
+        return False
+
+    def ping(self) -> bool:
+        """Whether spamd answers PING."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=2) as sock:
+                sock.sendall(b"PING SPAMC/1.5\r\n\r\n")
+                return b"PONG" in sock.recv(100)
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        """spamd's log."""
+        assert self.dir is not None
+        path = self.dir / "spamd.log"
+        return path.read_text(errors="replace") if path.exists() else ""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import smtplib
+import urllib.error
 from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
@@ -11,7 +13,15 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.servers import PostfixServer, PostgresServer, ReceivedMessage, SmtpSink, free_port
+from tests.servers import (
+    PostfixServer,
+    PostgresServer,
+    ReceivedMessage,
+    SmtpSink,
+    SpamdServer,
+    free_port,
+    http_request,
+)
 
 needs_postfix = pytest.mark.skipif(
     os.geteuid() != 0 or not Path("/usr/sbin/postfix").exists(),
@@ -111,3 +121,32 @@ def test_postfix_keeps_mail_queued_until_the_filter_comes_up() -> None:
             server.wait_for_log("status=sent")
             server.wait_for_log(": removed")
         assert server.queue_size() == 0
+
+
+def test_rspamd_checks_and_learns(rspamd_server) -> None:
+    from tests.messages import GTUBE, message
+
+    check = json.loads(
+        http_request(f"{rspamd_server.url}/checkv2", data=message(body=f"{GTUBE}\n"))
+    )
+    assert check["action"] == "reject" and "GTUBE" in check["symbols"]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        http_request(f"{rspamd_server.controller_url}/learnham", data=message(), headers={})
+    assert refused.value.code == 401  # loopback is not trusted without the password
+    before = rspamd_server.learned()
+    learn = http_request(
+        f"{rspamd_server.controller_url}/learnham",
+        data=message(subject="Minutes of the board meeting", body="Attached are the minutes " * 9),
+        headers={"Password": rspamd_server.password},
+    )
+    assert json.loads(learn) == {"success": True}
+    assert rspamd_server.learned() == before + 1
+
+
+def test_spamd_answers_ping_and_stops_cleanly() -> None:
+    with SpamdServer() as spamd:
+        assert spamd.ping()
+        pid = int((spamd.dir / "spamd.pid").read_text().split()[0])
+        directory = spamd.dir
+    assert directory is not None and not directory.exists()
+    assert_gone(pid)
