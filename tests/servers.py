@@ -770,6 +770,8 @@ class RspamdServer(_ReapedServer):
             ),
             "classifier-bayes.conf": (
                 'backend = "sqlite3";\nmin_learns = 1;\n'
+                # Learned digests, or rspamd shares /var/lib/rspamd/learn_cache.sqlite.
+                'cache { type = "sqlite3"; path = "${DBDIR}/learn_cache.sqlite"; }\n'
                 'statfile { symbol = "BAYES_HAM"; spam = false; '
                 'path = "${DBDIR}/bayes.ham.sqlite"; }\n'
                 'statfile { symbol = "BAYES_SPAM"; spam = true; '
