@@ -48,7 +48,7 @@ def create(
     """Record a bulk job over everything the query matches (within ``access``)."""
     if action not in ACTIONS:
         raise BulkError(f"unknown bulk action {action!r}")
-    total = search.count(session, access, _target(action, query))
+    total = search.count(session, access, target(action, query))
     job = BulkJob(
         action=action,
         criteria=query.to_json(),
@@ -78,7 +78,7 @@ def _summary(query: search.Query) -> dict[str, object]:
     return values
 
 
-def _target(action: str, query: search.Query) -> search.Query:
+def target(action: str, query: search.Query) -> search.Query:
     """The query narrowed to the messages the action can still change."""
     allowed = (Status.NEW,) if action == "release" else (Status.NEW, Status.RELEASED)
     statuses = tuple(s for s in (query.statuses or allowed) if s in allowed) or ("none",)
@@ -145,7 +145,7 @@ def run(database: db.Database, store: Store, relay: Relay, job_id: int) -> bool:
                 if job is None or job.worker != worker or job.status != BulkStatus.RUNNING:
                     return True
                 access = access_from_json(job.actor_type, job.staff_id, job.domain_ids)
-                query = _target(job.action, search.Query.from_json(job.criteria))
+                query = target(job.action, search.Query.from_json(job.criteria))
                 batch = next(
                     search.batches(session, access, query, after_id=job.last_id, size=BATCH), []
                 )

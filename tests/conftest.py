@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -312,3 +313,51 @@ def spamd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpamdServ
     """One private spamd for the session, with TELL allowed (it is slow to start)."""
     with SpamdServer(tmp_path_factory.mktemp("spamd")) as spamd:
         yield spamd
+
+
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def two_domains(database, store):
+    """example.no (ola, per) and other.dk (mette), with held mail in each; ids by name."""
+    from cleanmail import audit, mailboxes
+    from tests.messages import message
+
+    actor = audit.Actor("operator", "test")
+    ids: dict[str, int] = {}
+    with database.session_scope(write=True) as session:
+        for name in ("example.no", "other.dk"):
+            mailboxes.add_domain(session, actor, name)
+        boxes = {
+            a: mailboxes.add_mailbox(session, actor, a, language="en").id
+            for a in ("ola@example.no", "per@example.no", "mette@other.dk")
+        }
+    held = [
+        ("invoice", "ola@example.no", "invoice@supplier.no", "Invoice 2231 for October", 6.0, 0),
+        ("newsletter", "ola@example.no", "news@shop.example", "Big autumn SALE", 9.5, 1),
+        ("per", "per@example.no", "invoice@supplier.no", "Invoice 2232 reminder", 5.5, 2),
+        ("mette", "mette@other.dk", "invoice@supplier.no", "Faktura 2233", 12.0, 3),
+        ("virus", "mette@other.dk", "x@evil.example", "Your parcel", 20.0, 4),
+    ]
+    for key, rcpt, sender, subject, score, hours in held:
+        raw = message(subject=subject, sender=sender, to=rcpt, body=f"{key}\n")
+        reasons = [
+            {
+                "code": "BLOCKED_ATTACHMENT" if key == "virus" else "SUBJECT_CAPS",
+                "text": "t",
+                "score": score,
+            }
+        ]
+        ids[key] = hold_message(
+            database,
+            store,
+            boxes[rcpt],
+            raw,
+            at=T0 + timedelta(hours=hours),
+            sender=sender,
+            reasons=reasons,
+            score=score,
+        )
+    ids.update({f"box:{a}": i for a, i in boxes.items()})
+    return ids

@@ -14,52 +14,9 @@ from cleanmail.cli import cli, data  # noqa: F401 - registers the commands
 from cleanmail.config import Endpoint
 from cleanmail.models import AuditEvent, BulkJob, BulkStatus, Mailbox, Message, Role, Status
 from cleanmail.relay import Relay
-from tests.conftest import FilterProcess, hold_message
-from tests.messages import message
+from tests.conftest import T0, FilterProcess
 
 ACTOR = audit.Actor("operator", "test")
-T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def two_domains(database, store):
-    """example.no (ola, per) and other.dk (mette), with held mail in each; ids by name."""
-    ids: dict[str, int] = {}
-    with database.session_scope(write=True) as session:
-        for name in ("example.no", "other.dk"):
-            mailboxes.add_domain(session, ACTOR, name)
-        boxes = {
-            a: mailboxes.add_mailbox(session, ACTOR, a).id
-            for a in ("ola@example.no", "per@example.no", "mette@other.dk")
-        }
-    held = [
-        ("invoice", "ola@example.no", "invoice@supplier.no", "Invoice 2231 for October", 6.0, 0),
-        ("newsletter", "ola@example.no", "news@shop.example", "Big autumn SALE", 9.5, 1),
-        ("per", "per@example.no", "invoice@supplier.no", "Invoice 2232 reminder", 5.5, 2),
-        ("mette", "mette@other.dk", "invoice@supplier.no", "Faktura 2233", 12.0, 3),
-        ("virus", "mette@other.dk", "x@evil.example", "Your parcel", 20.0, 4),
-    ]
-    for key, rcpt, sender, subject, score, hours in held:
-        raw = message(subject=subject, sender=sender, to=rcpt, body=f"{key}\n")
-        reasons = [
-            {
-                "code": "BLOCKED_ATTACHMENT" if key == "virus" else "SUBJECT_CAPS",
-                "text": "t",
-                "score": score,
-            }
-        ]
-        ids[key] = hold_message(
-            database,
-            store,
-            boxes[rcpt],
-            raw,
-            at=T0 + timedelta(hours=hours),
-            sender=sender,
-            reasons=reasons,
-            score=score,
-        )
-    ids.update({f"box:{a}": i for a, i in boxes.items()})
-    return ids
 
 
 def _admin(database, domains=("example.no",)):

@@ -20,7 +20,18 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from werkzeug.wrappers import Response
 
-from cleanmail import audit, mailboxes, mailer, mime, passwords, ratelimit, tokens, totp, web
+from cleanmail import (
+    audit,
+    mailboxes,
+    mailer,
+    mime,
+    passwords,
+    ratelimit,
+    staff,
+    tokens,
+    totp,
+    web,
+)
 from cleanmail.config import Config
 from cleanmail.models import Mailbox
 from cleanmail.relay import Relay, RelayError
@@ -294,8 +305,11 @@ def _finish_login(
     db.commit()
     if notice:
         flash(notice, "success")
+    # Staff logging in with their password go to the console; everyone else to their mail.
+    staff_login = mailbox.role in staff.STAFF_ROLES and method != "link"
+    home = url_for("console.index") if staff_login else url_for("quarantine.index")
     # 303, so the browser fetches the target with GET and the link's URL is left behind.
-    return redirect(next_path or url_for("quarantine.index"), 303)
+    return redirect(next_path or home, 303)
 
 
 def _pending_mailbox(db: Session) -> Mailbox | None:

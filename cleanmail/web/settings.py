@@ -14,7 +14,7 @@ from flask_babel import gettext as _
 from flask_login import current_user, login_required, logout_user
 from werkzeug.wrappers import Response
 
-from cleanmail import audit, passwords, ratelimit, totp, web
+from cleanmail import audit, passwords, ratelimit, staff, totp, web
 from cleanmail.models import Mailbox
 
 bp = Blueprint("settings", __name__, url_prefix="/settings")
@@ -171,7 +171,11 @@ def _render_two_step(mailbox: Mailbox, *, error: str | None = None, status: int 
     if mailbox.totp_secret:
         remaining = totp.recovery_codes_left(web.session(), mailbox)
         page = render_template(
-            "settings/two_step.html", enabled=True, remaining=remaining, error=error
+            "settings/two_step.html",
+            enabled=True,
+            remaining=remaining,
+            error=error,
+            required=mailbox.role in staff.STAFF_ROLES,
         )
         return page, status
     secret = browser.get(PENDING) or totp.new_secret()
@@ -237,6 +241,8 @@ def enable_two_step():
         return _render_two_step(mailbox, error=_wrong_code(), status=400)
     session.commit()
     browser.pop(PENDING, None)
+    if browser.get("login_method") == "password":
+        browser["login_method"] = "totp"  # password and now a right code: both steps done
     flash(_("Two-step login is on."), "success")
     return render_template("settings/recovery_codes.html", codes=codes)
 
@@ -248,6 +254,10 @@ def disable_two_step():
     mailbox = _mailbox()
     if not mailbox.totp_secret:
         return redirect(url_for(".two_step"))
+    if mailbox.role in staff.STAFF_ROLES:
+        return _render_two_step(
+            mailbox, error=_("Staff cannot turn two-step login off."), status=403
+        )
     if error := _check_code(mailbox):
         return _render_two_step(mailbox, error=error, status=400)
     session = web.session()
