@@ -471,7 +471,11 @@ ROUTES = {
     "console.reports_index": [("GET", "/console/reports", 200)],
     "console.report_resend": [("POST", "/console/reports/{report_id}/resend", 404)],
     "console.stats": [("GET", "/console/stats", 200)],
-    "console.audit": [("GET", "/console/audit", 200)],
+    "console.audit": [("GET", "/console/audit?mailbox=mette", 200)],
+    "console.audit_csv": [("GET", "/console/audit.csv?mailbox=mette", 200)],
+    "console.tokens": [("GET", "/console/tokens", 403)],
+    "console.token_create": [("POST", "/console/tokens", 403)],
+    "console.token_revoke": [("POST", "/console/tokens/revoke", 403)],
 }
 
 
