@@ -10,7 +10,7 @@ APT_TEST := $(APT_RUN) postfix postgresql swaks chromium
 APT_TEST += rspamd spamassassin spamd
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench clean apt-run apt-test
+.PHONY: run test lint bench clean apt-run apt-test bench-search
 
 run: apt-run $(VENV)/.installed
 	@$(BIN)/cleanmail db upgrade
@@ -28,6 +28,9 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/ingest.py
+
+bench-search: apt-test $(VENV)/.installed
+	$(BIN)/python bench/search.py
 
 # Debian packages, installed only when one is missing. Postfix is installed without a
 # system configuration: the tests run private instances of their own.
