@@ -202,8 +202,22 @@ def test_bad_input_gets_a_clear_json_error(client, database, owner):
         client.get("/api/v1/stats?days=zero", headers=h),
         client.get("/api/v1/stats?days=100000", headers=h),
         client.get("/api/v1/mailboxes?limit=-1", headers=h),
+        client.get("/api/v1/mailboxes?q=a%00b", headers=h),
+        client.get("/api/v1/messages/99999999999999999999999", headers=h),
+        client.post(
+            "/api/v1/lists",
+            data='{"scope": "global", "action": "allow", "pattern": "x\\u0000.no"}',
+            content_type="application/json",
+            headers=h,
+        ),
+        client.post(
+            "/api/v1/lists",
+            data='{"scope": "global", "action": "allow", "pattern": "\\ud800.no"}',
+            content_type="application/json",
+            headers=h,
+        ),
     ]
-    assert [r.status_code for r in cases] == [400] * len(cases)
+    assert [r.status_code for r in cases] == [400] * 7 + [404, 400, 400]
     assert all(r.is_json and r.json["error"]["message"] for r in cases)
     assert client.get("/api/v1/nowhere", headers=h).json["error"]["status"] == 404
     assert client.put("/api/v1/stats", headers=h).json["error"]["status"] == 405

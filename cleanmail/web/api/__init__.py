@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 csrf.exempt(bp)
 
+MAX_ID = 2**63 - 1  # the largest message id either database stores; larger ones are not ours
+MAX_SMALL_ID = 2**31 - 1  # the same for tables with 32-bit ids (list entries, bulk jobs)
 # Endpoints that need no token (the description of the API itself).
 PUBLIC = {"api.openapi"}
 
@@ -90,6 +92,11 @@ def _bad_input(error: Exception) -> Response:
     return error_response(400, str(error))
 
 
+@bp.errorhandler(UnicodeError)
+def _not_unicode(_error: Exception) -> Response:
+    return error_response(400, "text in the request must be valid Unicode")
+
+
 @bp.errorhandler(quarantine.QuarantineError)
 def _quarantine_error(error: Exception) -> Response:
     return error_response(409, str(error))
@@ -117,10 +124,22 @@ def _secret() -> str | None:
     return None
 
 
+def _has_nul() -> bool:
+    """NUL in the path, the query or a JSON body: no database column can store it."""
+    if "\x00" in request.path or b"%00" in request.query_string:
+        return True
+    if request.endpoint == "api.ingest" or not request.is_json:
+        return False
+    body = request.get_data(cache=True)
+    return b"\x00" in body or b"\\u0000" in body.lower()
+
+
 @bp.before_request
 def _authenticate() -> None:
     if request.endpoint in PUBLIC:
         return
+    if _has_nul():
+        fail(400, "text in the request must not contain NUL characters")
     secret = _secret()
     database = current_app.extensions["cleanmail.db"]
     # Its own short session: the view's session may take SQLite's write lock at BEGIN.
@@ -207,6 +226,8 @@ def visible_domain(name: str) -> Domain:
 
 def visible_message(message_id: int) -> Message:
     """A quarantined message the token may see, or 404."""
+    if message_id > MAX_ID:
+        fail(404, f"no message {message_id}")
     try:
         message = quarantine.get(web.session(), message_id)
     except quarantine.QuarantineError:

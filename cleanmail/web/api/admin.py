@@ -77,11 +77,11 @@ def add_entry() -> tuple[Response, int]:
     return jsonify(entry_json(entry, name)), 201
 
 
-@api.route("/lists/<int(max=2147483647):entry_id>", methods=["DELETE"])
+@api.route("/lists/<int:entry_id>", methods=["DELETE"])
 def remove_entry(entry_id: int) -> Response:
     """Take an entry off its list."""
     session = web.session()
-    entry = session.get(ListEntry, entry_id)
+    entry = session.get(ListEntry, entry_id) if entry_id <= api.MAX_SMALL_ID else None
     if entry is None:
         api.fail(404, f"no list entry {entry_id}")
     mailbox = session.get(Mailbox, entry.mailbox_id) if entry.mailbox_id else None

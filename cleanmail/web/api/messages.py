@@ -11,8 +11,6 @@ from cleanmail import bulk, quarantine, search, web
 from cleanmail.models import BulkJob, Message
 from cleanmail.web import api
 
-MAX_ID = 2**63 - 1  # the largest id either database stores; larger ones are not ours
-
 
 def _time(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
@@ -48,13 +46,13 @@ def message_json(message: Message) -> dict[str, Any]:
     }
 
 
-@api.route(f"/messages/<int(max={MAX_ID}):message_id>", methods=["GET"])
+@api.route("/messages/<int:message_id>", methods=["GET"])
 def message(message_id: int) -> Response:
     """One message's details."""
     return jsonify(message_json(api.visible_message(message_id)))
 
 
-@api.route(f"/messages/<int(max={MAX_ID}):message_id>/release", methods=["POST"])
+@api.route("/messages/<int:message_id>/release", methods=["POST"])
 def release(message_id: int) -> Response | tuple[Response, int]:
     """Deliver a held message to its mailbox (once; a second call says it was done)."""
     message = api.visible_message(message_id)
@@ -68,7 +66,7 @@ def release(message_id: int) -> Response | tuple[Response, int]:
     return jsonify(released=released, message=message_json(message))
 
 
-@api.route(f"/messages/<int(max={MAX_ID}):message_id>", methods=["DELETE"])
+@api.route("/messages/<int:message_id>", methods=["DELETE"])
 def delete(message_id: int) -> Response:
     """Delete a message from the quarantine for good."""
     message = api.visible_message(message_id)
@@ -183,10 +181,10 @@ def _parse_time(text: str) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-@api.route("/bulk/<int(max=2147483647):job_id>", methods=["GET"])
+@api.route("/bulk/<int:job_id>", methods=["GET"])
 def bulk_status(job_id: int) -> Response:
     """A bulk job's progress."""
-    job = web.session().get(BulkJob, job_id)
+    job = web.session().get(BulkJob, job_id) if job_id <= api.MAX_SMALL_ID else None
     if (
         job is None
         or job.actor_type != "api"
