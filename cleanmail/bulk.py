@@ -5,11 +5,14 @@ page should, and the operator must be able to leave and come back. ``create`` re
 the job (what, for whom, within which domains) in the request's transaction; the web
 process then starts ``run`` in a thread at once, and the scheduler's ``resume``
 takes over any job whose runner died (a restarted web worker): a job is claimed with
-a worker id and a heartbeat, and each message is handled in its own transaction that
-also moves the job's counters and its keyset cursor (``last_id``), so progress is
-exact and a resumed job neither skips nor repeats a message. The per-message work is
-``quarantine.release`` / ``quarantine.delete``: row lock, released once, audited, a
-refused release kept on the message with its error and retryable.
+a worker id and a heartbeat. Each message is handled in its own transaction that also
+counts it on the job, so the progress page is exact; the keyset cursor (``last_id``)
+moves after each batch of ``BATCH`` ids, so a resumed job goes over at most one batch
+again, where a message already released counts as skipped and is never delivered
+twice. The per-message work is ``quarantine.release`` / ``quarantine.delete``: row
+lock, released once, audited, a refused release kept on the message with its error
+and retryable. On PostgreSQL a batch is shared by ``PARALLEL`` threads, because the
+relay's round trips, not the database, set the pace.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 
 ACTIONS = ("release", "delete")
 BATCH = 200
+PARALLEL = 4  # threads per job on PostgreSQL, each with its own relay connection
 # A runner that has not moved its job for this long is taken to be dead. Longer than a
 # relay timeout, so that a slow mail server does not make two runners share a job.
 STALE = timedelta(minutes=5)
@@ -133,67 +140,155 @@ def _claim(database: db.Database, job_id: int, worker: str, now: datetime) -> bo
         return True
 
 
-def run(database: db.Database, store: Store, relay: Relay, job_id: int) -> bool:
-    """Work a job through to its end; False when another runner has it (or it is over)."""
+def run(
+    database: db.Database,
+    store: Store,
+    relay: Relay,
+    job_id: int,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> bool:
+    """Work a job through to its end; False when another runner has it (or it is over).
+
+    ``progress`` is called with each message's outcome ("done", "failed", "skipped")
+    once it is committed, from the job's threads (for a command's progress bar).
+    """
     worker = uuid.uuid4().hex
     if not _claim(database, job_id, worker, utcnow()):
         return False
+    with database.session_scope() as session:
+        job = session.get(BulkJob, job_id)
+        assert job is not None
+        access = access_from_json(job.actor_type, job.staff_id, job.domain_ids)
+        query = target(job.action, search.Query.from_json(job.criteria))
+        actor = audit.Actor(job.actor_type, job.actor, job.remote_addr)
+        runner = _Runner(database, store, relay, job_id, worker, job.action, actor, progress)
+        last_id = job.last_id
     try:
-        while True:
+        while not runner.stop.is_set():
             with database.session_scope() as session:
-                job = session.get(BulkJob, job_id)
-                if job is None or job.worker != worker or job.status != BulkStatus.RUNNING:
-                    return True
-                access = access_from_json(job.actor_type, job.staff_id, job.domain_ids)
-                query = target(job.action, search.Query.from_json(job.criteria))
                 batch = next(
-                    search.batches(session, access, query, after_id=job.last_id, size=BATCH), []
+                    search.batches(session, access, query, after_id=last_id, size=BATCH), []
                 )
             if not batch:
                 _finish(database, job_id, worker)
                 return True
-            for message_id in batch:
-                if not _one(database, store, relay, job_id, worker, message_id):
-                    return True
+            runner.work(batch)
+            last_id = batch[-1]
+            runner.advance(last_id)
+        return True
     except Exception:
         log.exception("bulk job %d stopped; the scheduler resumes it", job_id)
         raise
-    finally:
-        relay.close()
 
 
-def _one(
-    database: db.Database, store: Store, relay: Relay, job_id: int, worker: str, message_id: int
-) -> bool:
-    """Handle one message and move the job on, in one transaction; False to stop."""
-    with database.session_scope(write=True) as session:
-        job = session.get(BulkJob, job_id, with_for_update=True)
-        if job is None or job.worker != worker or job.status != BulkStatus.RUNNING:
-            return False
-        actor = audit.Actor(job.actor_type, job.actor, job.remote_addr)
-        message = session.get(Message, message_id)
-        outcome = "skipped"
-        if message is not None:
+@dataclass
+class _Runner:
+    """One claim of a job: handles batches of ids, in parallel where the database allows."""
+
+    database: db.Database
+    store: Store
+    relay: Relay
+    job_id: int
+    worker: str
+    action: str
+    actor: audit.Actor
+    progress: Callable[[str], None] | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def work(self, ids: list[int]) -> None:
+        """Handle a batch; on PostgreSQL in several threads, each with its own connections.
+
+        SQLite takes its write lock for the whole of each message (the relay included),
+        so more threads would only wait for each other there.
+        """
+        dialect = self.database.engine.dialect.name
+        count = min(PARALLEL if dialect == "postgresql" else 1, len(ids))
+        if count <= 1:
+            self._work(ids)
+            return
+        errors: list[BaseException] = []
+
+        def target(part: list[int]) -> None:
             try:
-                outcome = _act(session, store, relay, job.action, message, actor)
-            except quarantine.ReleaseFailed as exc:  # kept on the message, retryable
-                outcome, job.last_error = "failed", str(exc)[:1000]
-            except StoreError as exc:  # its content is unreadable: counted, not retried here
-                outcome, job.last_error = "failed", str(exc)[:1000]
-            except quarantine.QuarantineError:  # deleted or expired meanwhile
-                outcome = "skipped"
-        setattr(job, outcome, getattr(job, outcome) + 1)
-        job.last_id = max(job.last_id, message_id)
-        job.heartbeat_at = utcnow()
-    return True
+                self._work(part)
+            except BaseException as exc:  # handed to the caller below
+                errors.append(exc)
+                self.stop.set()
+
+        threads = [
+            threading.Thread(target=target, args=(ids[i::count],), name=f"bulk-{self.job_id}-{i}")
+            for i in range(count)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def _work(self, ids: list[int]) -> None:
+        try:
+            with self.database.write_sessions() as session:
+                for message_id in ids:
+                    if self.stop.is_set():
+                        return
+                    self._one(session, message_id)
+        finally:
+            self.relay.close()  # this thread's connection
+
+    def _one(self, session: Session, message_id: int) -> None:
+        """Handle one message and count it, in one transaction."""
+        try:
+            outcome, error = "skipped", None
+            message = session.get(Message, message_id, with_for_update=True)
+            if message is not None:
+                try:
+                    outcome = _act(
+                        session, self.store, self.relay, self.action, message, self.actor
+                    )
+                except quarantine.ReleaseFailed as exc:  # kept on the message, retryable
+                    outcome, error = "failed", str(exc)
+                except StoreError as exc:  # its content is unreadable: counted, not retried
+                    outcome, error = "failed", str(exc)
+                except quarantine.QuarantineError:  # deleted or expired meanwhile
+                    outcome = "skipped"
+            column = getattr(BulkJob, outcome)
+            values: dict[str, Any] = {outcome: column + 1, "heartbeat_at": utcnow()}
+            if error is not None:
+                values["last_error"] = error[:1000]
+            counted = session.execute(self._mine().values(**values))
+            session.commit()  # the message's fate, even when the job was cancelled meanwhile
+        except BaseException:
+            session.rollback()
+            raise
+        if self.progress is not None:
+            self.progress(outcome)
+        if counted.rowcount != 1:  # type: ignore[attr-defined]
+            self.stop.set()  # cancelled, or taken over by another runner
+
+    def advance(self, last_id: int) -> None:
+        """Move the job's cursor past a finished batch."""
+        with self.database.session_scope(write=True) as session:
+            moved = session.execute(self._mine().values(last_id=last_id, heartbeat_at=utcnow()))
+            if moved.rowcount != 1:  # type: ignore[attr-defined]
+                self.stop.set()
+
+    def _mine(self) -> Any:
+        return update(BulkJob).where(
+            BulkJob.id == self.job_id,
+            BulkJob.worker == self.worker,
+            BulkJob.status == BulkStatus.RUNNING,
+        )
 
 
 def _act(
     session: Session, store: Store, relay: Relay, action: str, message: Message, actor: audit.Actor
 ) -> str:
+    """Release or delete one message that the caller loaded FOR UPDATE."""
     if action == "release":
-        return "done" if quarantine.release(session, store, relay, message, actor) else "skipped"
-    session.refresh(message, with_for_update=True)
+        released = quarantine.release(session, store, relay, message, actor, locked=True)
+        return "done" if released else "skipped"
     if message.status not in (Status.NEW, Status.RELEASED):
         return "skipped"
     quarantine.delete(session, store, message, actor)

@@ -149,14 +149,18 @@ def release(
     relay: Relay,
     message: Message,
     actor: audit.Actor,
+    *,
+    locked: bool = False,
 ) -> bool:
     """Deliver a held message to its mailbox once; False when it was already released.
 
     The row is locked while the relay takes the message, so two releases at the same
-    time deliver it once. A refusal is recorded on the message (and raised) so that
-    the owner sees the error and can try again.
+    time deliver it once (``locked``: the caller loaded it FOR UPDATE in this
+    transaction). A refusal is recorded on the message (and raised) so that the owner
+    sees the error and can try again.
     """
-    session.refresh(message, with_for_update=True)
+    if not locked:
+        session.refresh(message, with_for_update=True)
     if message.status == Status.RELEASED:
         return False
     if message.status != Status.NEW or message.raw_sha256 is None:

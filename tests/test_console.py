@@ -567,3 +567,42 @@ def test_a_domain_admin_cannot_act_on_staff_mailboxes(
         assert response.status_code == 403
     with database.session_scope() as session:
         assert session.get(Mailbox, boss_id).password_hash is not None
+
+
+HOSTILE = "<script>alert(1)</script><img src=x onerror=alert(2)>"
+
+
+def test_hostile_mail_is_escaped_on_every_console_page(
+    client, operator, database, store, two_domains
+):
+    from tests.conftest import hold_message
+    from tests.messages import message
+
+    raw = message(
+        subject=HOSTILE,
+        sender=f'"{HOSTILE}" <evil@evil.example>',
+        to="ola@example.no",
+        body=HOSTILE,
+        headers={"X-Evil": HOSTILE},
+    )
+    message_id = hold_message(
+        database,
+        store,
+        two_domains["box:ola@example.no"],
+        raw,
+        sender="evil@evil.example",
+        reasons=[{"code": "SUBJECT_CAPS", "text": HOSTILE, "score": 9}],
+    )
+    login_staff(client, operator)
+    pages = [
+        "/console/?sender=evil.example",
+        f"/console/messages/{message_id}",
+        "/console/mailboxes?q=ola@",
+        f"/console/mailboxes/{two_domains['box:ola@example.no']}",
+    ]
+    for path in pages:
+        body = client.get(path).get_data(as_text=True)
+        assert "<script>alert" not in body and "<img src=x" not in body, path
+    body = client.get(f"/console/messages/{message_id}").get_data(as_text=True)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in body  # shown, as text
+    assert "X-Evil" in body

@@ -149,7 +149,9 @@ def test_bulk_release_by_search(database, store, config, smtp_sink, two_domains)
         )
         job_id = job.id
         assert job.total == 2  # not mette@other.dk's copy: another domain
-    assert bulk.run(database, store, _relay(config), job_id)
+    outcomes: list[str] = []
+    assert bulk.run(database, store, _relay(config), job_id, progress=outcomes.append)
+    assert outcomes == ["done", "done"]
     assert sorted(m.rcpt_tos[0] for m in smtp_sink.wait_for(2)) == [
         "ola@example.no",
         "per@example.no",
@@ -297,3 +299,22 @@ def test_staff_commands(run, database):
             "staff.set_role",
             "staff.remove",
         } <= set(actions)
+
+
+def test_the_scheduler_resumes_orphaned_jobs(
+    database, store, config, smtp_sink, two_domains, monkeypatch
+):
+    from cleanmail import scheduler
+
+    with database.session_scope(write=True) as session:
+        job = bulk.create(
+            session, staff.OPERATOR, ACTOR, "release", search.Query(sender="evil.example")
+        )
+        job.created_at = datetime.now(UTC) - timedelta(minutes=2)  # its web thread never started
+        job_id = job.id
+    monkeypatch.setattr(scheduler, "_runtime", scheduler.Runtime(config, database))
+    scheduler.bulk_job()
+    (received,) = smtp_sink.wait_for(1)
+    assert received.rcpt_tos == ["mette@other.dk"]
+    with database.session_scope() as session:
+        assert session.get(BulkJob, job_id).status == BulkStatus.DONE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -242,17 +243,17 @@ def _bulk(state: State, action: str, options: dict[str, Any]) -> None:
     with database.session_scope(write=True) as session:
         job = bulk.create(session, staff.OPERATOR, audit.cli_actor(), action, query)
     relay = Relay(config.relay, timeout=config.relay_timeout, hostname=config.hostname)
-    worker = bulk.start(database, state.store, relay, job.id)
+    lock = threading.Lock()  # outcomes come from the job's threads
     with click.progressbar(length=job.total, label=action.capitalize(), file=sys.stderr) as bar:
-        while True:
-            worker.join(0.2)
-            with database.sessions() as session:
-                current = session.get(BulkJob, job.id)
-                assert current is not None
-                progress = current.done + current.failed + current.skipped
-            bar.update(progress - bar.pos)
-            if not worker.is_alive():
-                break
+
+        def step(_outcome: str) -> None:
+            with lock:
+                bar.update(1)
+
+        bulk.run(database, state.store, relay, job.id, progress=step)
+    with database.sessions() as session:
+        current = session.get(BulkJob, job.id)
+        assert current is not None
     click.echo(
         f"{current.done} {verb}, {current.failed} failed, {current.skipped} skipped"
         + (f" (last error: {current.last_error})" if current.failed else "")

@@ -56,7 +56,24 @@ def _gate() -> Response | tuple[str, int] | None:
 @bp.context_processor
 def _values() -> dict[str, Any]:
     access = g.get("console_access")
-    return {"console_access": access, "is_operator": bool(access and access.operator)}
+    return {
+        "console_access": access,
+        "is_operator": bool(access and access.operator),
+        "role_names": {
+            "owner": _("Owner"),
+            "domain_admin": _("Domain admin"),
+            "operator": _("Operator"),
+        },
+        "report_names": {
+            "pending": _("Waiting"),
+            "sent": _("Sent"),
+            "failed": _("Failed"),
+            "never": _("Never"),
+            "hourly": _("Every hour"),
+            "daily": _("Daily"),
+            "weekly": _("Weekly"),
+        },
+    }
 
 
 def access() -> staff.Access:
