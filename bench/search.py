@@ -15,6 +15,8 @@ release`` do) to a counting SMTP sink in its own process, and reports messages/s
     .venv/bin/python bench/search.py [--messages 1000000] [--release 10000]
         [--database sqlite|postgresql|both] [--queries 60]
 
+``--queries 0`` skips the searches (``--messages 0 --queries 0``: only the release).
+
 Targets: search p95 under 100 ms on PostgreSQL; release at no less than 300/s.
 The machine is shared and noisy: read the figures beside the primary-key reference.
 """
@@ -297,9 +299,10 @@ def run(name: str, url: str, workdir: Path, args: argparse.Namespace) -> None:
     try:
         seconds = build(database, args.messages)
         print(f"{name}: built {args.messages:,} messages in {seconds:.0f} s")
-        results = measure(database, args.queries, args.messages)
-        reference = statistics.median(results["primary key lookup"])
-        print(f"{'':26}{'median ms':>10}{'p95 ms':>10}{'p95 / pk median':>18}")
+        results = measure(database, args.queries, args.messages) if args.queries else {}
+        if results:
+            reference = statistics.median(results["primary key lookup"])
+            print(f"{'':26}{'median ms':>10}{'p95 ms':>10}{'p95 / pk median':>18}")
         for label, values in results.items():
             print(
                 f"{label:26}{statistics.median(values):10.2f}{p95(values):10.2f}"
