@@ -41,8 +41,17 @@ def upgrade() -> None:
         sa.UniqueConstraint("name", name=op.f("uq_api_tokens_name")),
         sa.UniqueConstraint("token_hash", name=op.f("uq_api_tokens_token_hash")),
     )
+    # /metrics counts the releases waiting for a retry: a few rows among millions.
+    op.create_index(
+        "ix_messages_release_error",
+        "messages",
+        ["id"],
+        sqlite_where=sa.text("release_error IS NOT NULL"),
+        postgresql_where=sa.text("release_error IS NOT NULL"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_messages_release_error", table_name="messages")
     op.drop_table("api_tokens")
     op.drop_table("daily_stats")
