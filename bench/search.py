@@ -7,6 +7,8 @@ Builds a quarantine of ``--messages`` rows (default 1,000,000) with bulk inserts
 - the foundation's operator search (``search.page``) by sender domain;
 - the same search by a word of the subject;
 - ``search.count`` for those searches (capped as the console caps it);
+- the statistics summary of 30 days (``stats.summary``: counters, top reasons and
+  sending domains, release rate), as the console's statistics page reads it;
 
 and reports the median and p95 of each. Then it releases ``--release`` messages
 (default 10,000) as one bulk job (``bulk.run``, as the console and ``cleanmail
@@ -41,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import func, select  # noqa: E402
 
 from bench.ingest import sink_main  # noqa: E402
-from cleanmail import audit, bulk, db, search, staff  # noqa: E402
+from cleanmail import audit, bulk, db, search, staff, stats  # noqa: E402
 from cleanmail.config import Endpoint  # noqa: E402
 from cleanmail.models import Message, RawMessage  # noqa: E402
 from cleanmail.relay import Relay  # noqa: E402
@@ -221,6 +223,10 @@ def measure(database: db.Database, queries: int, count: int) -> dict[str, list[f
         with database.sessions() as session:
             return search.count(session, staff.OPERATOR, query, cap=10_000)
 
+    def summary(_i: int) -> object:
+        with database.sessions() as session:
+            return stats.summary(session, 30)
+
     return {
         "primary key lookup": timed(queries, by_id),
         "search by sender domain": timed(queries, lambda i: page(search.Query(sender=senders[i]))),
@@ -229,6 +235,7 @@ def measure(database: db.Database, queries: int, count: int) -> dict[str, list[f
             queries, lambda i: counted(search.Query(sender=senders[i]))
         ),
         "count by subject word": timed(queries, lambda i: counted(search.Query(subject=words[i]))),
+        "statistics, 30 days": timed(min(queries, 5), summary),
     }
 
 
