@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import cast, func, select, true
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from cleanmail import sql
 from cleanmail.db import Database
-from cleanmail.models import DailyStat, Domain, Mailbox, Message, Status
+from cleanmail.models import DailyStat, Domain, Mailbox, Message
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +30,8 @@ DAILY = ("scanned", *VERDICTS, "released", "reports_sent", "reports_failed")
 # Upper bounds (seconds) of the filter latency histogram; the last bucket is "+Inf".
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 FLUSH_SECONDS = 5.0
+REASON = "reason:"  # counter-name prefix: held copies per reason code
+SAMPLE = 50_000  # top sending domains are counted among the newest held messages
 
 Key = tuple[date, str, str]  # day, domain, counter name
 
@@ -46,6 +47,17 @@ def latency_counter(seconds: float) -> str:
         if seconds <= bound:
             return f"latency_le_{bound:g}"
     return "latency_le_inf"
+
+
+def reason_counter(code: str) -> str:
+    """The counter of held copies that had a reason code."""
+    return REASON + code[: 64 - len(REASON)]
+
+
+def count_reasons(session: Session, domain: str, reasons: Iterable[dict[str, Any]]) -> None:
+    """Count a held copy's reason codes inside the caller's transaction (ingest)."""
+    codes = dict.fromkeys(str(r.get("code", "")) for r in reasons if isinstance(r, dict))
+    add(session, {(today(), domain, reason_counter(code)): 1 for code in codes if code})
 
 
 def add(session: Session, counts: Mapping[Key, int]) -> None:
@@ -89,13 +101,16 @@ class Counters:
         with self._lock:
             self._counts[(today(), domain, name)] += n
 
-    def verdicts(self, verdicts: Iterable[tuple[str, str]], seconds: float) -> None:
-        """Count one checked message: (domain, verdict) per served recipient, and its time."""
+    def verdicts(self, verdicts: Iterable[tuple[str, str, Iterable[str]]], seconds: float) -> None:
+        """Count one checked message: per served recipient (domain, verdict, reason codes
+        of a held copy), and the time it took."""
         day = today()
         with self._lock:
-            for domain, verdict in verdicts:
+            for domain, verdict, codes in verdicts:
                 self._counts[(day, domain, "scanned")] += 1
                 self._counts[(day, domain, verdict)] += 1
+                for code in dict.fromkeys(codes):
+                    self._counts[(day, domain, reason_counter(code))] += 1
             self._counts[(day, "", latency_counter(seconds))] += 1
             self._counts[(day, "", "latency_ms_sum")] += round(seconds * 1000)
 
@@ -160,8 +175,8 @@ class Summary:
 
     @property
     def release_rate(self) -> float:
-        """The share of messages held in the period that were released."""
-        return self.released / self.held if self.held else 0.0
+        """Releases in the period for each copy held in it (capped at 1)."""
+        return min(self.released / self.held, 1.0) if self.held else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready form."""
@@ -233,38 +248,38 @@ def _scope(query: Any, domains: Iterable[str] | None) -> Any:
 def top_sender_domains(
     session: Session, since: datetime, domains: Iterable[str] | None = None, limit: int = 10
 ) -> list[tuple[str, int]]:
-    """The sending domains with the most messages held since a time."""
+    """The sending domains with the most messages among the newest held since a time.
+
+    Counted among the newest ``SAMPLE`` messages, so that the page costs the same at a
+    million messages as at a thousand (an index range on received_at).
+    """
+    newest = _scope(select(Message.sender_domain).where(Message.received_at >= since), domains)
+    newest = newest.order_by(Message.received_at.desc()).limit(SAMPLE).subquery()
     count = func.count().label("n")
-    query = select(Message.sender_domain, count).where(Message.received_at >= since)
-    query = _scope(query, domains).group_by(Message.sender_domain).order_by(count.desc())
-    return [(domain or "(none)", n) for domain, n in session.execute(query.limit(limit))]
+    query = select(newest.c.sender_domain, count).group_by(newest.c.sender_domain)
+    query = query.order_by(count.desc(), newest.c.sender_domain).limit(limit)
+    return [(domain or "(none)", n) for domain, n in session.execute(query)]
 
 
 def top_reasons(
-    session: Session, since: datetime, domains: Iterable[str] | None = None, limit: int = 10
+    session: Session,
+    since: date,
+    until: date,
+    domains: Iterable[str] | None = None,
+    limit: int = 10,
 ) -> list[tuple[str, int]]:
-    """The reason codes found most often on messages held since a time."""
-    if session.get_bind().dialect.name == "postgresql":
-        each = func.jsonb_array_elements(cast(Message.reasons, JSONB)).table_valued("value")
-        code = func.jsonb_extract_path_text(each.c.value, "code")
-    else:
-        each = func.json_each(Message.reasons).table_valued("value")
-        code = func.json_extract(each.c.value, "$.code")
-    count = func.count().label("n")
-    query = select(code, count).select_from(Message.__table__).join(each, true())
-    query = _scope(query.where(Message.received_at >= since), domains)
-    query = query.group_by(code).order_by(count.desc(), code).limit(limit)
-    return [(str(c), int(n)) for c, n in session.execute(query) if c is not None]
-
-
-def held_and_released(
-    session: Session, since: datetime, domains: Iterable[str] | None = None
-) -> tuple[int, int]:
-    """How many messages were held since a time, and how many of those were released."""
-    released = func.count().filter(Message.status == Status.RELEASED)
-    query = _scope(select(func.count(), released).where(Message.received_at >= since), domains)
-    held, freed = session.execute(query).one()
-    return int(held or 0), int(freed or 0)
+    """The reason codes of the most held copies in a period (from the daily counters)."""
+    total = func.sum(DailyStat.value).label("n")
+    query = (
+        select(DailyStat.name, total)
+        .where(DailyStat.day >= since, DailyStat.day <= until, DailyStat.name.like(REASON + "%"))
+        .group_by(DailyStat.name)
+        .order_by(total.desc(), DailyStat.name)
+        .limit(limit)
+    )
+    if domains is not None:
+        query = query.where(DailyStat.domain.in_(list(domains)))
+    return [(name.removeprefix(REASON), int(n or 0)) for name, n in session.execute(query)]
 
 
 def summary(
@@ -277,14 +292,13 @@ def summary(
     start = datetime(since.year, since.month, since.day, tzinfo=UTC)
     rows = daily(session, since, until, domains)
     sums = {name: sum(row[name] for row in rows) for name in DAILY}
-    held, released = held_and_released(session, start, domains)
     return Summary(
         since,
         until,
         rows,
         sums,
-        top_reasons(session, start, domains, limit),
+        top_reasons(session, since, until, domains, limit),
         top_sender_domains(session, start, domains, limit),
-        held,
-        released,
+        sums["quarantined"],
+        sums["released"],
     )

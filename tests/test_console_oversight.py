@@ -66,6 +66,7 @@ def test_statistics_page_draws_charts_without_scripts(client, database, two_doma
                 (stats.today(), "other.dk", "quarantined"): 5,
                 (stats.today(), "example.no", "reports_sent"): 3,
                 (stats.today(), "example.no", "reports_failed"): 1,
+                (stats.today(), "example.no", stats.reason_counter("SUBJECT_CAPS")): 10,
             },
         )
     login_staff(client, member)

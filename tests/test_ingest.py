@@ -154,6 +154,9 @@ def test_ingest_refuses_other_domains_and_bad_input(client, database, owner):
     )
     assert again.json == {"held": [], "already_held": 1, "refused": []}  # a retried push
     assert len(held(database)) == 1
+    counted = client.get("/api/v1/stats?days=1", headers=headers).json
+    assert counted["held"] == 1
+    assert counted["top_reasons"] == [{"code": "SCANNER_VERDICT", "count": 1}]
     for bad in (
         {"X-Rspamd-Rcpt": ""},
         {"X-Rspamd-Rcpt": "[1, 2]"},

@@ -323,7 +323,11 @@ class Handler:
         refused = self.pipeline.deliver(raw, analysis, decisions)
         self.counters.verdicts(
             (
-                (stats.address_domain(d.recipient), COUNTED[d.verdict])
+                (
+                    stats.address_domain(d.recipient),
+                    COUNTED[d.verdict],
+                    [r["code"] for r in d.reasons] if d.verdict != "pass" else [],
+                )
                 for d in decisions
                 if d.mailbox_id is not None
             ),

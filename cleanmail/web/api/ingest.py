@@ -158,6 +158,7 @@ def ingest() -> Response:
         domain = api.domain_of(message.mailbox)
         stats.bump(session, "quarantined", domain)
         stats.bump(session, "ingested", domain)
+        stats.count_reasons(session, domain, why)
         audit.record(
             session,
             actor,
