@@ -28,6 +28,7 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/accuracy.py
 
 bench-search: apt-test $(VENV)/.installed
 	$(BIN)/python bench/search.py

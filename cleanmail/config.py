@@ -62,6 +62,26 @@ class Config:
     mail_from: str = ""
     log_level: str = "INFO"
     log_format: str = "text"
+    # The learning classifier (issue 6): on by default; it scores nothing until trained.
+    classifier: bool = True
+    classifier_reload: float = 5.0  # seconds between a filter's checks for a new model
+    # Verdict engines (README "Verdict engines"): embedded ones first, external ones
+    # chained after them for undecided mail.
+    engines: tuple[str, ...] = ("rules",)
+    engine_timeout: float = 10.0
+    engine_fail_open: bool = False
+    engine_max_size: int = 1024 * 1024  # larger mail is left to the embedded engines
+    rspamd_url: str = "http://127.0.0.1:11333"
+    rspamd_controller_url: str = "http://127.0.0.1:11334"
+    rspamd_password: str = ""
+    spamd_host: str = "127.0.0.1"
+    spamd_port: int = 783
+    spamd_reject_score: float = 15.0
+
+    @property
+    def external_engines(self) -> tuple[str, ...]:
+        """The configured engines that run outside Cleanmail."""
+        return tuple(name for name in self.engines if name in EXTERNAL_ENGINES)
 
     @property
     def store_dir(self) -> Path:
@@ -127,6 +147,28 @@ def _base_url(value: str) -> str:
     return value.rstrip("/")
 
 
+EMBEDDED_ENGINES = ("rules",)
+EXTERNAL_ENGINES = ("rspamd", "spamassassin")
+
+
+def _engine_list(value: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name.lower() for name in _word_list(value)))
+    known = EMBEDDED_ENGINES + EXTERNAL_ENGINES
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown engine {name!r}: expected some of {', '.join(known)}")
+    if not names:
+        raise ValueError("expected at least one engine, e.g. rules,rspamd")
+    return names
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 < number < 65536:
+        raise ValueError(f"expected a port number from 1 to 65535, got {value!r}")
+    return number
+
+
 def _log_level(value: str) -> str:
     level = value.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -138,6 +180,11 @@ def _log_format(value: str) -> str:
     if value.lower() not in ("text", "keyvalue", "json"):
         raise ValueError(f"expected text, keyvalue or json, got {value!r}")
     return value.lower()
+def _switch(value: str) -> bool:
+    word = value.strip().lower()
+    if word not in {"on", "off", "true", "false", "yes", "no", "1", "0"}:
+        raise ValueError(f"expected on or off, got {value!r}")
+    return word in {"on", "true", "yes", "1"}
 
 
 # name -> parser of the text form; the instance file may also give native TOML values.
@@ -164,6 +211,18 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "mail_from": str,
     "log_level": _log_level,
     "log_format": _log_format,
+    "classifier": _switch,
+    "classifier_reload": _positive_float,
+    "engines": _engine_list,
+    "engine_timeout": _positive_float,
+    "engine_fail_open": _switch,
+    "engine_max_size": _positive_int,
+    "rspamd_url": _base_url,
+    "rspamd_controller_url": _base_url,
+    "rspamd_password": str,
+    "spamd_host": str,
+    "spamd_port": _port,
+    "spamd_reject_score": float,
 }
 
 DEFAULTS: dict[str, str] = {
@@ -203,7 +262,14 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
         keys = _embedded_secret_key(data_dir, values["database_url"])
     if not values.get("filter_workers"):
         values["filter_workers"] = min(os.cpu_count() or 1, 8)
-    return Config(data_dir=data_dir, secret_keys=tuple(keys), **values)
+    config = Config(data_dir=data_dir, secret_keys=tuple(keys), **values)
+    if config.external_engines and config.engine_timeout >= config.verdict_timeout:
+        # Otherwise the filter would give up on the message before the engine's own error.
+        raise ConfigError(
+            f"{PREFIX}ENGINE_TIMEOUT ({config.engine_timeout:g} s) must be shorter than "
+            f"{PREFIX}VERDICT_TIMEOUT ({config.verdict_timeout:g} s)"
+        )
+    return config
 
 
 def _native(name: str, value: Any) -> Any:

@@ -16,10 +16,12 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     func,
     text,
 )
@@ -396,6 +398,81 @@ class BulkJob(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Label(enum.StrEnum):
+    """What a person's decision says a message is, for the learning classifier."""
+
+    HAM = "ham"
+    SPAM = "spam"
+
+
+class LearningEvent(Base):
+    """One decision to learn from: a release (ham), a block or a spam mark (spam).
+
+    Written in the same transaction as the action itself; the scheduler's learning job
+    folds the pending ones into a new classifier model. The tokens are kept so that the
+    lesson survives the raw file's purge; the hash lets external engines re-read it.
+    """
+
+    __tablename__ = "learning_events"
+    __table_args__ = (Index("ix_learning_events_applied_id", "applied_version", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    label: Mapped[str] = mapped_column(String(8))
+    source: Mapped[str] = mapped_column(String(32))  # release, block, operator, cli ...
+    actor_type: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(320), default="")
+    raw_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    message_id: Mapped[int | None] = mapped_column(BigInteger)
+    mailbox_id: Mapped[int | None] = mapped_column(
+        ForeignKey("mailboxes.id", ondelete="SET NULL"), index=True
+    )
+    tokens: Mapped[str] = mapped_column(Text, default="")
+    # The model version that took this event in (None: waiting for the learning job).
+    applied_version: Mapped[int | None] = mapped_column(Integer)
+
+
+class ClassifierModel(Base):
+    """One version of the learned classifier's state; filters load the newest."""
+
+    __tablename__ = "classifier_models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)  # the version
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    source: Mapped[str] = mapped_column(String(32))  # train, learn
+    actor: Mapped[str] = mapped_column(String(320), default="")
+    ham_count: Mapped[int] = mapped_column(Integer, default=0)
+    spam_count: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class EngineLesson(Base):
+    """A learning event on its way to one external engine (rspamd, spamd).
+
+    ``outcome`` is None while the lesson waits (``next_try_at`` says when it is tried
+    again), then "learned", or "failed" once the feedback job gave up; ``last_error``
+    keeps the engine's last answer for operators.
+    """
+
+    __tablename__ = "engine_lessons"
+    __table_args__ = (
+        UniqueConstraint("event_id", "engine", name="uq_engine_lessons_event_engine"),
+        Index("ix_engine_lessons_due", "engine", "outcome", "next_try_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    event_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("learning_events.id", ondelete="CASCADE"),
+    )
+    engine: Mapped[str] = mapped_column(String(32))
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_try_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    done_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class DailyStat(Base):

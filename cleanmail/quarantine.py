@@ -12,8 +12,8 @@ from sqlalchemy import cast, exists, func, or_, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
-from cleanmail import audit, logs, mime, sql, stats
-from cleanmail.models import Mailbox, Message, RawMessage, Status, utcnow
+from cleanmail import audit, learning, logs, mime, sql, stats
+from cleanmail.models import Label, Mailbox, Message, RawMessage, Status, utcnow
 from cleanmail.relay import Relay, RelayError
 from cleanmail.store import Store, digest
 
@@ -210,6 +210,8 @@ def release(
         message_id=message.id,
         subject=message.subject[:200],
     )
+    # A release says the message was wanted: the classifier learns it as ham.
+    learning.record(session, message, Label.HAM, actor, source="release", raw=raw)
     return True
 
 

@@ -73,7 +73,33 @@ LABELS = {
     "MONEY_AMOUNTS": _l("The text mentions many money amounts"),
     "SPAM_PHRASES": _l("Typical spam wording with a call to click"),
     "SPAM_PHRASES_MANY": _l("Much typical spam wording"),
+    "CLASSIFIER_WORDING": _l("Wording known from spam"),
+    "CLASSIFIER_HEADERS": _l("The headers look like those of known spam"),
+    "CLASSIFIER_LINKS": _l("Links to sites known from spam"),
+    "CLASSIFIER_LAYOUT": _l("Built like known spam"),
+    "CLASSIFIER_HAM": _l("Resembles mail that people wanted"),
 }
+
+# The external engines' reasons (cleanmail/filter/symbols.py maps their rule names here).
+LABELS.update(
+    {
+        "ENGINE_BAYES_SPAM": _l("Resembles spam the filter has learned"),
+        "ENGINE_PHISHING": _l(
+            "A link looks like an attempt to steal passwords or card details (phishing)"
+        ),
+        "ENGINE_AUTH_FAIL": _l("The sender's domain does not confirm that it sent this message"),
+        "ENGINE_BLOCKLISTED": _l("The sender or a link is on a public spam blocklist"),
+        "ENGINE_RISKY_ATTACHMENT": _l("An attachment has a risky file type"),
+        "ENGINE_FORGED": _l("The information in the message header looks forged"),
+        "ENGINE_SUSPICIOUS_LINK": _l("A link looks suspicious"),
+        "ENGINE_FRAUD": _l("The message looks like an attempt at fraud"),
+        "ENGINE_BULK": _l("Sent in bulk by a sender known for spam"),
+        "ENGINE_RULE": _l("Other signs of spam found by the spam filter"),
+        "ENGINE_UNAVAILABLE": _l(
+            "An extra spam check was unavailable, so the message was checked less thoroughly"
+        ),
+    }
+)
 
 # Reasons whose stored text ends in a detail after a fixed English prefix.
 _DETAILED = {
@@ -90,6 +116,7 @@ _DETAILED = {
         _l("The sender is blocked by your mail provider (%(detail)s)"),
     ),
     "LIST_ALLOW": ("sender allowed: ", _l("The sender is on your whitelist (%(detail)s)")),
+    "CLASSIFIER_WORDING": ("known spam wording: ", _l("Wording known from spam (%(detail)s)")),
     "ALLOW_IGNORED_SPOOFED": (
         "allow entry ",
         _l("Your whitelist entry %(detail)s was ignored: the sender's address looks forged"),

@@ -26,8 +26,9 @@ from apscheduler.schedulers.base import STATE_STOPPED
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy.engine import make_url
 
-from cleanmail import db, purge
+from cleanmail import db, feedback, learning, purge
 from cleanmail.config import Config
+from cleanmail.filter import daemon
 from cleanmail.models import utcnow
 from cleanmail.relay import Relay
 from cleanmail.store import Store
@@ -42,6 +43,8 @@ TICK = 2.0  # seconds between a standby's attempts, and between the leader's che
 REPORTS_EVERY = timedelta(minutes=1)
 PURGE_EVERY = timedelta(minutes=15)
 BULK_EVERY = timedelta(minutes=1)
+LEARN_EVERY = timedelta(minutes=1)
+FEEDBACK_EVERY = timedelta(minutes=1)
 # coalesce: however many runs were missed, one catch-up run; no grace limit, so that it
 # does happen even after a long outage.
 JOB_DEFAULTS = {"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
@@ -101,10 +104,32 @@ def bulk_job() -> None:
         log.info("bulk: %d interrupted jobs resumed", resumed)
 
 
+def learning_job() -> None:
+    """Fold owners' releases and blocks into a new classifier model version."""
+    runtime = _current()
+    try:
+        learning.apply_pending(runtime.database, Store(runtime.config.store_dir))
+    except learning.ModelConflict as exc:
+        log.info("learning: %s; the events wait for the next run", exc)
+
+
+def feedback_job() -> None:
+    """Send owners' releases and blocks to the external engines as lessons (retried)."""
+    runtime = _current()
+    learners = daemon.external_engines(runtime.config)
+    try:
+        feedback.run(runtime.database, Store(runtime.config.store_dir), learners, utcnow())
+    finally:
+        for learner in learners:
+            learner.close()
+
+
 JOBS: dict[str, tuple[Any, timedelta]] = {
     "reports": (reports_job, REPORTS_EVERY),
     "purge": (purge_job, PURGE_EVERY),
     "bulk": (bulk_job, BULK_EVERY),
+    "learning": (learning_job, LEARN_EVERY),
+    "feedback": (feedback_job, FEEDBACK_EVERY),
 }
 
 

@@ -203,6 +203,16 @@ class FilterProcess:
             "CLEANMAIL_TRUSTED_AUTHSERV_ID": c.trusted_authserv_id or "",
             "CLEANMAIL_DNS_TIMEOUT": str(c.dns_timeout),
             "CLEANMAIL_DNS_SERVERS": " ".join(c.dns_servers),
+            "CLEANMAIL_VERDICT_TIMEOUT": str(c.verdict_timeout),
+            "CLEANMAIL_ENGINES": ",".join(c.engines),
+            "CLEANMAIL_ENGINE_TIMEOUT": str(c.engine_timeout),
+            "CLEANMAIL_ENGINE_FAIL_OPEN": "yes" if c.engine_fail_open else "no",
+            "CLEANMAIL_ENGINE_MAX_SIZE": str(c.engine_max_size),
+            "CLEANMAIL_RSPAMD_URL": c.rspamd_url,
+            "CLEANMAIL_RSPAMD_CONTROLLER_URL": c.rspamd_controller_url,
+            "CLEANMAIL_RSPAMD_PASSWORD": c.rspamd_password,
+            "CLEANMAIL_SPAMD_HOST": c.spamd_host,
+            "CLEANMAIL_SPAMD_PORT": str(c.spamd_port),
         }
 
     def start(self) -> FilterProcess:
@@ -301,20 +311,6 @@ def hold_message(
     return message_id
 
 
-@pytest.fixture(scope="session")
-def rspamd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RspamdServer]:
-    """One private rspamd for the session (it takes several seconds to load its rules)."""
-    with RspamdServer(tmp_path_factory.mktemp("rspamd")) as rspamd:
-        yield rspamd
-
-
-@pytest.fixture(scope="session")
-def spamd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpamdServer]:
-    """One private spamd for the session, with TELL allowed (it is slow to start)."""
-    with SpamdServer(tmp_path_factory.mktemp("spamd")) as spamd:
-        yield spamd
-
-
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
 
@@ -361,3 +357,33 @@ def two_domains(database, store):
         )
     ids.update({f"box:{a}": i for a, i in boxes.items()})
     return ids
+
+
+@pytest.fixture(scope="session")
+def rspamd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RspamdServer]:
+    """One private rspamd for the session (it takes several seconds to load its rules)."""
+    with RspamdServer(tmp_path_factory.mktemp("rspamd")) as rspamd:
+        yield rspamd
+
+
+@pytest.fixture(scope="session")
+def spamd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpamdServer]:
+    """One private spamd for the session, with TELL allowed (it is slow to start)."""
+    with SpamdServer(tmp_path_factory.mktemp("spamd")) as spamd:
+        yield spamd
+
+
+@pytest.fixture
+def start_filter(database: db.Database) -> Iterator[Callable[..., FilterThread]]:
+    """A factory: ``start_filter(config)`` runs a filter in this process; all stop at the end."""
+    started: list[FilterThread] = []
+
+    def start(config: config_module.Config) -> FilterThread:
+        config.store_dir.mkdir(parents=True, exist_ok=True)
+        thread = FilterThread(config, database).start()
+        started.append(thread)
+        return thread
+
+    yield start
+    for thread in started:
+        thread.stop()

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from glob import glob
 from pathlib import Path
 from types import TracebackType
@@ -211,6 +211,25 @@ class _ReapedServer(_Server):
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Freeze the daemon's processes (SIGSTOP) for a while: a hung service.
+
+        The kernel still accepts connections, but nothing answers until the end of the
+        ``with`` block, when every process is continued (SIGCONT).
+        """
+        assert self._reaped is not None, "server not started"
+        pids = _descendants(self._reaped.proc.pid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
 
 
 def _private_dir(prefix: str, tmpdir: str | os.PathLike[str] | None, user: str | None) -> Path:
@@ -690,6 +709,55 @@ def http_request(
         return response.read()
 
 
+class NxDomainServer(_Server):
+    """A DNS server on 127.0.0.1 (UDP) that answers every query "no such domain" at once.
+
+    Daemons pointed at it finish their look-ups immediately instead of waiting for a
+    timeout, and nothing leaves the machine.
+    """
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Self:
+        """Bind a free UDP port and answer in a background thread; return self."""
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, args=(self._sock,), daemon=True)
+        self._thread.start()
+        return self
+
+    @staticmethod
+    def _serve(sock: socket.socket) -> None:
+        import dns.message
+        import dns.rcode
+
+        while True:
+            try:
+                data, peer = sock.recvfrom(4096)
+            except OSError:
+                return  # closed by stop()
+            try:
+                reply = dns.message.make_response(dns.message.from_wire(data))
+            except Exception:
+                continue  # not a DNS query: no answer
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+            with contextlib.suppress(OSError):
+                sock.sendto(reply.to_wire(), peer)
+
+    def stop(self) -> None:
+        """Close the socket, which ends the thread."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+
 class RspamdServer(_ReapedServer):
     """A private rspamd on 127.0.0.1: Debian's configuration, our local.d, no network checks.
 
@@ -697,7 +765,7 @@ class RspamdServer(_ReapedServer):
     for ``/learnspam``, ``/learnham`` and ``/stat``, behind ``password`` even from
     loopback) listen on free ports; state (Bayes in SQLite, caches) lives in the private
     directory.  ``extra_local_d`` adds or replaces files in ``local.d``, e.g.
-    ``{"metadata_exporter.conf": "rules { ... }"}``.
+    ``{"metadata_exporter.conf": "rules { ... }"}``; ``workers`` normal workers check mail.
     """
 
     USER = "_rspamd"
@@ -722,10 +790,13 @@ class RspamdServer(_ReapedServer):
         *,
         extra_local_d: dict[str, str] | None = None,
         password: str = "cleanmail-test",
+        workers: int = 1,
     ) -> None:
         self.tmpdir = tmpdir
         self.extra_local_d = dict(extra_local_d or {})
         self.password = password
+        self.workers = workers
+        self._dns = NxDomainServer()
         self.user = self.USER if os.geteuid() == 0 else None
         self.port = 0
         self.controller_port = 0
@@ -744,6 +815,7 @@ class RspamdServer(_ReapedServer):
 
     def start(self) -> Self:
         """Write the configuration and start rspamd in the foreground; return self."""
+        self._dns.start()
         self.dir = _private_dir("cleanmail-rspamd-", self.tmpdir, self.user)
         for name in ("local.d", "override.d", "db", "run", "log"):
             (self.dir / name).mkdir(mode=0o755)
@@ -761,11 +833,13 @@ class RspamdServer(_ReapedServer):
     def _write_config(self) -> None:
         assert self.dir is not None
         local = {
-            "worker-normal.inc": f'bind_socket = "127.0.0.1:{self.port}";\ncount = 1;\n',
+            "worker-normal.inc": (
+                f'bind_socket = "127.0.0.1:{self.port}";\ncount = {self.workers};\n'
+            ),
             "options.inc": (
                 'filters = "chartable,regexp";\n'
-                # A closed loopback port: any lookup that is left fails at once.
-                f'dns {{ nameserver = ["127.0.0.1:{free_port()}"]; timeout = 0.2s; '
+                # Look-ups that are left (the client's reverse DNS) fail at once.
+                f'dns {{ nameserver = ["127.0.0.1:{self._dns.port}"]; timeout = 1s; '
                 "retransmits = 1; }\n"
             ),
             "classifier-bayes.conf": (
@@ -831,6 +905,11 @@ class RspamdServer(_ReapedServer):
     def _urls(self) -> tuple[str, str]:
         return self.url, self.controller_url
 
+    def stop(self) -> None:
+        """Stop rspamd, remove its directory, and stop its DNS server."""
+        super().stop()
+        self._dns.stop()
+
     def log(self) -> str:
         """rspamd's own log and anything it printed."""
         assert self.dir is not None
@@ -861,9 +940,11 @@ class SpamdServer(_ReapedServer):
         *,
         allow_tell: bool = True,
         local_cf: str = "",
+        children: int = 2,
     ) -> None:
         self.tmpdir = tmpdir
         self.allow_tell = allow_tell
+        self.children = children
         self.local_cf = local_cf
         self.user = self.USER if os.geteuid() == 0 else None
         self.host = "127.0.0.1"
@@ -908,7 +989,7 @@ class SpamdServer(_ReapedServer):
             f"--helper-home-dir={self.dir / 'home'}",
             f"--siteconfigpath={self.dir / 'site'}",
             "--configpath=/usr/share/spamassassin",
-            "--max-children=2",
+            f"--max-children={self.children}",
             "--min-children=1",
             "--min-spare=1",
             "--max-spare=1",

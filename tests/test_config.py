@@ -70,3 +70,55 @@ def test_unknown_instance_setting_is_named(tmp_path: Path) -> None:
     (tmp_path / "cleanmail.toml").write_text('relya = "x:1"\n')
     with pytest.raises(config.ConfigError, match="relya"):
         config.load({"CLEANMAIL_DATA_DIR": str(tmp_path)})
+
+
+def test_engines_are_chosen_by_configuration(tmp_path: Path) -> None:
+    cfg = config.load({"CLEANMAIL_DATA_DIR": str(tmp_path)})
+    assert cfg.engines == ("rules",) and cfg.external_engines == ()
+    assert not cfg.engine_fail_open
+    (tmp_path / "cleanmail.toml").write_text(
+        'engines = ["rules", "spamassassin"]\nengine_fail_open = true\nspamd_port = 7830\n'
+    )
+    cfg = config.load(
+        {
+            "CLEANMAIL_DATA_DIR": str(tmp_path),
+            "CLEANMAIL_ENGINES": "Rules, rspamd",
+            "CLEANMAIL_RSPAMD_URL": "http://rspamd.internal:11333/",
+            "CLEANMAIL_ENGINE_TIMEOUT": "3",
+        }
+    )
+    assert cfg.engines == ("rules", "rspamd") and cfg.external_engines == ("rspamd",)
+    assert cfg.rspamd_url == "http://rspamd.internal:11333"
+    assert (cfg.engine_fail_open, cfg.spamd_port, cfg.engine_timeout) == (True, 7830, 3.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "words"),
+    [
+        ("ENGINES", "rules,bogofilter", "unknown engine 'bogofilter'"),
+        ("ENGINES", ",", "at least one engine"),
+        ("ENGINE_FAIL_OPEN", "maybe", "expected on or off"),
+        ("SPAMD_PORT", "70000", "port number"),
+        ("RSPAMD_URL", "127.0.0.1:11333", "http://"),
+    ],
+)
+def test_wrong_engine_settings_fail_with_one_line(
+    tmp_path: Path, name: str, value: str, words: str
+) -> None:
+    with pytest.raises(config.ConfigError) as error:
+        config.load({"CLEANMAIL_DATA_DIR": str(tmp_path), f"CLEANMAIL_{name}": value})
+    message = str(error.value)
+    assert message.startswith(f"CLEANMAIL_{name}: ") and words in message
+    assert "\n" not in message
+
+
+def test_an_engine_timeout_must_leave_room_within_the_verdict_timeout(tmp_path: Path) -> None:
+    environ = {
+        "CLEANMAIL_DATA_DIR": str(tmp_path),
+        "CLEANMAIL_ENGINES": "rules,rspamd",
+        "CLEANMAIL_VERDICT_TIMEOUT": "10",
+        "CLEANMAIL_ENGINE_TIMEOUT": "10",
+    }
+    with pytest.raises(config.ConfigError, match=r"ENGINE_TIMEOUT .* shorter than .*VERDICT"):
+        config.load(environ)
+    assert config.load({**environ, "CLEANMAIL_ENGINES": "rules"}).engine_timeout == 10

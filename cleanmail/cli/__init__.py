@@ -9,8 +9,9 @@ from typing import Any
 import click
 
 from cleanmail import config as config_module
-from cleanmail import db, lists, logs, mailboxes, quarantine, store
+from cleanmail import db, learning, lists, logs, mailboxes, quarantine, store
 from cleanmail.bulk import BulkError
+from cleanmail.filter import classifier
 from cleanmail.search import SearchError
 from cleanmail.staff import StaffError
 
@@ -25,6 +26,8 @@ CLEAR_ERRORS = (
     StaffError,
     SearchError,
     BulkError,
+    learning.LearningError,
+    classifier.ModelError,
 )
 
 
@@ -96,6 +99,8 @@ def main() -> None:
         daemons,
         data,
         demo,
+        engine,
+        feedback,
         links,
         operations,
         reports,

@@ -13,8 +13,11 @@ import uvloop
 
 from cleanmail import db
 from cleanmail.config import Config
-from cleanmail.filter import auth, rules, server
+from cleanmail.filter import auth, learned, rules, server
+from cleanmail.filter.engines import Engine, ExternalEngine
 from cleanmail.filter.pipeline import Pipeline
+from cleanmail.filter.rspamd import RspamdEngine
+from cleanmail.filter.spamassassin import SpamAssassinEngine
 from cleanmail.relay import Relay
 from cleanmail.store import Store
 
@@ -28,13 +31,48 @@ def build_pipeline(config: Config, database: db.Database) -> Pipeline:
         database,
         Store(config.store_dir),
         Relay(config.relay, timeout=config.relay_timeout, hostname=config.hostname),
-        [rules.RulesEngine()],
+        engines(config, database),
         auth.Authenticator(
             config.trusted_authserv_id,
             dns_timeout=config.dns_timeout,
             dns_servers=config.dns_servers,
         ),
+        external=external_engines(config),
     )
+
+
+def engines(config: Config, database: db.Database) -> list[Engine]:
+    """The embedded engines: the rules (unless left out of the engines), then the classifier."""
+    found: list[Engine] = [rules.RulesEngine()] if "rules" in config.engines else []
+    if config.classifier:
+        watcher = learned.ModelWatcher(database, every=config.classifier_reload)
+        found.append(learned.LearnedEngine(watcher))
+    return found
+
+
+def external_engines(config: Config) -> list[ExternalEngine]:
+    """The configured external engines (rspamd, spamd), in the configured order."""
+    built: list[ExternalEngine] = []
+    for name in config.external_engines:
+        if name == "rspamd":
+            built.append(
+                RspamdEngine(
+                    config.rspamd_url,
+                    controller_url=config.rspamd_controller_url,
+                    password=config.rspamd_password,
+                    timeout=config.engine_timeout,
+                )
+            )
+        elif name == "spamassassin":
+            built.append(
+                SpamAssassinEngine(
+                    config.spamd_host,
+                    config.spamd_port,
+                    timeout=config.engine_timeout,
+                    reject_score=config.spamd_reject_score,
+                )
+            )
+    return built
 
 
 def run(config: Config, *, ready: Callable[[], None] | None = None) -> int:

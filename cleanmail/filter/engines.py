@@ -1,8 +1,9 @@
 """The verdict engine interface: every engine scores a parsed message the same way.
 
-The embedded rules engine, and later a learning classifier and the rspamd and
-SpamAssassin bridges, all answer with an ``EngineResult``; the filter adds up the
-scores and compares the total with the mailbox's quarantine threshold.
+The embedded rules engine, the learning classifier and the rspamd and SpamAssassin
+bridges all answer with an ``EngineResult``; the filter adds up the embedded engines'
+scores and compares the total with the mailbox's thresholds, and asks the external
+engines (chained after them) only about mail that is still undecided.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Envelope:
     client_address: str | None = None
     client_helo: str | None = None
     mail_options: tuple[str, ...] = ()  # MAIL FROM parameters, e.g. BODY=8BITMIME, SMTPUTF8
+    client_name: str | None = None  # the client's reverse-DNS name as Postfix found it
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,15 @@ class Hit:
 
 @dataclass(frozen=True)
 class EngineResult:
-    """An engine's verdict: the total score and the reasons behind it."""
+    """An engine's verdict: the total score and the reasons behind it.
+
+    External engines also say what they would do with the message (``verdict``: pass,
+    quarantine or reject, on their own scale); engines that only score leave it None.
+    """
 
     score: float
     hits: tuple[Hit, ...]
+    verdict: str | None = None
 
     @classmethod
     def from_hits(cls, hits: Iterable[Hit]) -> EngineResult:
@@ -52,6 +59,10 @@ class EngineError(Exception):
     """An engine could not give a verdict (the filter answers 451 so the sender retries)."""
 
 
+class LearnError(EngineError):
+    """An engine could not take a lesson now; the feedback job tries again later."""
+
+
 class Engine(Protocol):
     """Anything that scores a message; higher means more likely spam."""
 
@@ -59,4 +70,22 @@ class Engine(Protocol):
 
     def check(self, message: mime.ParsedMessage, envelope: Envelope) -> EngineResult:
         """Score one message; raise EngineError when no verdict is possible."""
+        ...
+
+
+class Learner(Protocol):
+    """An engine that learns from people's decisions (releases are ham, blocks spam)."""
+
+    name: str
+
+    def learn(self, raw: bytes, *, spam: bool) -> None:
+        """Teach the engine one message; raise LearnError when it cannot now."""
+        ...
+
+
+class ExternalEngine(Engine, Learner, Protocol):
+    """An engine outside Cleanmail (rspamd, spamd): it scores, and learns from decisions."""
+
+    def close(self) -> None:
+        """Let go of kept-open connections."""
         ...

@@ -1,8 +1,14 @@
-"""The verdict pipeline: lists, attachments, then the scoring engines, per recipient.
+"""The verdict pipeline: lists, attachments, the scoring engines, then external ones.
 
-``analyze`` is pure computation on the message (bounded by the filter's time limit);
-``decide`` reads the database; ``deliver`` stores the quarantined copies and then
-re-injects the passed ones, so that a 250 is only ever given for mail that is safe.
+The external engines (rspamd, spamd) are chained after the embedded ones and asked only
+about recipients still *undecided*: no list entry decided (a block, or an allow that
+SPF/DMARC did not refute), no blocked attachment, and the embedded engines' score below
+the domain's reject threshold (always, for domains that do not reject).
+
+``analyze`` is pure computation on the message; ``decide`` reads the database and asks
+the external engines (both bounded by the filter's time limit); ``deliver`` stores the
+quarantined copies and then re-injects the passed ones, so that a 250 is only ever given
+for mail that is safe.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from cleanmail import lists, logs, mailboxes, mime, quarantine
 from cleanmail.config import Config
 from cleanmail.db import Database
 from cleanmail.filter import attachments, auth
-from cleanmail.filter.engines import Engine, EngineResult, Envelope, Hit
+from cleanmail.filter.engines import Engine, EngineError, EngineResult, Envelope, Hit
 from cleanmail.models import Domain, ListAction
 from cleanmail.relay import Relay
 from cleanmail.store import Store
@@ -28,6 +34,8 @@ from cleanmail.store import Store
 log = logging.getLogger(__name__)
 
 PASS, QUARANTINE, REJECT = "pass", "quarantine", "reject"
+SEVERITY = {PASS: 0, QUARANTINE: 1, REJECT: 2}
+ENGINE_UNAVAILABLE = "ENGINE_UNAVAILABLE"
 DOMAIN_CACHE_SECONDS = 5.0
 LIST_REASONS = {
     "mailbox": ("LIST_BLOCK_MAILBOX", "sender blocked by you"),
@@ -53,7 +61,7 @@ class Analysis:
     envelope: Envelope
     findings: list[attachments.Finding]
     result: EngineResult
-    seconds: float = 0.0  # time spent checking, for the latency statistics
+    seconds: float = 0.0  # time spent checking and deciding (set by the filter server)
 
     def reasons(self) -> list[dict[str, Any]]:
         """Blocked attachments if any, else the engines' hits, as stored reasons."""
@@ -85,6 +93,8 @@ class Decision:
     score: float = 0.0
     reasons: list[dict[str, Any]] = field(default_factory=list)
     mailbox_id: int | None = None
+    # Decided by score alone, below the reject threshold: the external engines may weigh in.
+    undecided: bool = False
 
 
 def reason(code: str, text: str, score: float = 0.0) -> dict[str, Any]:
@@ -103,12 +113,15 @@ class Pipeline:
         relay: Relay,
         engines: Sequence[Engine],
         authenticator: auth.Authenticator,
+        *,
+        external: Sequence[Engine] = (),
     ) -> None:
         self.config = config
         self.database = database
         self.store = store
         self.relay = relay
         self.engines = list(engines)
+        self.external = list(external)
         self.authenticator = authenticator
         self._domains: dict[str, ServedDomain] = {}
         self._shared_rules: list[lists.Rule] = []
@@ -148,10 +161,7 @@ class Pipeline:
 
     def analyze(self, raw: bytes, envelope: Envelope) -> Analysis:
         """Parse the message and run the checks that do not depend on the recipient."""
-        started = time.monotonic()
-        analysis = analyze(mime.parse(raw), envelope, self.engines)
-        analysis.seconds = time.monotonic() - started
-        return analysis
+        return analyze(mime.parse(raw), envelope, self.engines)
 
     def decide(self, analysis: Analysis) -> list[Decision]:
         """The verdict for every recipient, from lists, attachments and score."""
@@ -173,6 +183,7 @@ class Pipeline:
         rules = shared + own
         senders = [("envelope", envelope.sender.lower()), ("from", analysis.parsed.from_address)]
         auth_cache: list[auth.AuthResults] = []
+        undecided: list[tuple[Decision, ServedDomain]] = []
         for recipient, address in ours.items():
             domain = served[address.rpartition("@")[2]]
             mine = [
@@ -186,7 +197,42 @@ class Pipeline:
             decision = self._verdict(analysis, domain, matches, auth_cache)
             decision.recipient, decision.mailbox_id = recipient, ids[address]
             decisions.append(decision)
+            if decision.undecided:
+                undecided.append((decision, domain))
+        if undecided and self.external:
+            self._consult(analysis, undecided)
         return decisions
+
+    def _consult(self, analysis: Analysis, pending: list[tuple[Decision, ServedDomain]]) -> None:
+        """Ask the external engines, in order, about the recipients still undecided.
+
+        An engine that fails raises EngineError (the filter answers 451), unless the site
+        chose to fail open: then the message goes on with the other engines' verdict and
+        a reason saying which engine was unavailable. The next engine is asked only about
+        recipients that would still pass. Mail over ``engine_max_size`` is not sent.
+        """
+        size = len(analysis.parsed.raw)
+        if size > self.config.engine_max_size:
+            # As spamc does: big mail is slow to scan and rarely spam; a timeout would
+            # keep it in Postfix's queue for good.
+            log.info("not sending %d bytes to the external engines", size)
+            return
+        for engine in self.external:
+            try:
+                result = engine.check(analysis.parsed, analysis.envelope)
+            except EngineError as exc:
+                if not self.config.engine_fail_open:
+                    raise
+                log.warning("%s unavailable, going on without it: %s", engine.name, exc)
+                text = f"{engine.name} unavailable: {exc}"[:300]
+                for decision, _domain in pending:
+                    decision.reasons.append(reason(ENGINE_UNAVAILABLE, text))
+                continue
+            for decision, domain in pending:
+                _weigh(decision, domain, result)
+            pending = [(d, domain) for d, domain in pending if d.verdict == PASS]
+            if not pending:
+                break
 
     def _verdict(
         self,
@@ -224,7 +270,7 @@ class Pipeline:
         if domain.reject_threshold is not None and result.score >= domain.reject_threshold:
             return Decision("", REJECT, result.score, reasons)
         verdict = QUARANTINE if result.score >= threshold else PASS
-        return Decision("", verdict, result.score, reasons)
+        return Decision("", verdict, result.score, reasons, undecided=True)
 
     def _claim_refuted(
         self, analysis: Analysis, match: lists.Match, cache: list[auth.AuthResults]
@@ -285,6 +331,24 @@ class Pipeline:
 
 
 REPLY_REJECTED = "550 5.7.1 Message refused as spam"
+
+
+def _weigh(decision: Decision, domain: ServedDomain, result: EngineResult) -> None:
+    """Add an external engine's verdict to a recipient's: the stricter of the two wins.
+
+    Its "reject" rejects only for domains that reject by score at all (a reject
+    threshold is set); elsewhere that mail is held, never refused.
+    """
+    verdict = result.verdict or PASS
+    if verdict == REJECT and domain.reject_threshold is None:
+        verdict = QUARANTINE
+    if SEVERITY[verdict] > SEVERITY[decision.verdict]:
+        decision.verdict = verdict
+    decision.score = round(decision.score + result.score, 2)
+    known = {r["code"] for r in decision.reasons}
+    decision.reasons += [
+        reason(hit.code, hit.text, hit.score) for hit in result.hits if hit.code not in known
+    ]
 
 
 def _served_mailboxes(recipients: Sequence[str], served: dict[str, ServedDomain]) -> dict[str, str]:

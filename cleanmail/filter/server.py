@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from cleanmail import logs, mime, stats
 from cleanmail.config import Config, ConfigError
+from cleanmail.filter.engines import EngineError
 from cleanmail.filter.engines import Envelope as CheckEnvelope
 from cleanmail.filter.pipeline import Pipeline
 from cleanmail.relay import RelayError
@@ -40,6 +41,7 @@ REPLY_STORE_FAILED = "451 4.3.0 Cannot store the message now, try again later"
 REPLY_DB_FAILED = "451 4.3.0 Database unavailable, try again later"
 REPLY_RELAY_FAILED = "451 4.4.1 Next hop unavailable, try again later"
 REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
+REPLY_ENGINE_FAILED = "451 4.7.1 Spam check unavailable, try again later"
 XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PROTO", "HELO")
 LINE_LIMIT = 64 * 1024
 COUNTED = {"pass": "passed", "quarantine": "quarantined", "reject": "rejected"}
@@ -277,6 +279,7 @@ class Handler:
             client_address=forwarded.get("ADDR") or None,
             client_helo=forwarded.get("HELO"),
             mail_options=tuple(o.upper() for o in envelope.mail_options),
+            client_name=forwarded.get("NAME") or None,
         )
         job = _Job()
         future = loop.run_in_executor(self.executor, self._run, job, raw, check_envelope)
@@ -294,16 +297,26 @@ class Handler:
             return await future
 
     def _run(self, job: _Job, raw: bytes, envelope: CheckEnvelope) -> str:
-        """Check, then deliver unless the SMTP side gave up waiting (one thread hop)."""
+        """Check and decide, then deliver unless the SMTP side gave up (one thread hop)."""
+        started = time.monotonic()
         try:
             analysis = self.pipeline.analyze(raw, envelope)
+            # Deciding may ask an external engine: still within the time limit.
+            decisions = self.pipeline.decide(analysis)
+            analysis.seconds = time.monotonic() - started  # for the latency statistics
+        except EngineError as exc:
+            log.warning("no verdict for a message from <%s>: %s", envelope.sender, exc)
+            return REPLY_ENGINE_FAILED
+        except SQLAlchemyError as exc:
+            log.error("database failed: %s", str(exc).splitlines()[0])
+            return REPLY_DB_FAILED
         except Exception:
             log.exception("checking a message from <%s> failed", envelope.sender)
             return REPLY_INTERNAL
         if not job.begin_delivery():
             return REPLY_TIMEOUT  # the client was told 451 already; nothing may happen now
         try:
-            return self._deliver(raw, analysis)
+            return self._deliver(raw, analysis, decisions)
         except RelayError as exc:
             log.warning("relay refused a message from <%s>: %s", envelope.sender, exc)
             return REPLY_RELAY_FAILED if exc.temporary else f"{exc.code} {exc.text}"
@@ -317,9 +330,8 @@ class Handler:
             log.exception("delivering a message from <%s> failed", envelope.sender)
             return REPLY_INTERNAL
 
-    def _deliver(self, raw: bytes, analysis: Any) -> str:
+    def _deliver(self, raw: bytes, analysis: Any, decisions: Any) -> str:
         started = time.monotonic()
-        decisions = self.pipeline.decide(analysis)
         refused = self.pipeline.deliver(raw, analysis, decisions)
         self.counters.verdicts(
             (

@@ -13,8 +13,8 @@ from flask_babel import gettext as _
 from flask_babel import ngettext
 from sqlalchemy.orm import Session
 
-from cleanmail import lists, mime, quarantine, web
-from cleanmail.models import ListAction, Mailbox, Message
+from cleanmail import learning, lists, mime, quarantine, web
+from cleanmail.models import Label, ListAction, Mailbox, Message
 
 MAX_SELECTED = 200
 ACTIONS = ("release", "release_allow_sender", "release_allow_domain", "delete", "block")
@@ -44,6 +44,10 @@ def apply(session: Session, mailbox: Mailbox, messages: Sequence[Message], actio
         return True
     if action == "block":
         add_senders(session, mailbox, messages, ListAction.BLOCK, domain=False)
+        for message in messages:  # blocking the sender says this message was spam
+            learning.record(
+                session, message, Label.SPAM, web.actor(), source="block", store=web.store()
+            )
         session.commit()
         return True
     if action in ("release_allow_sender", "release_allow_domain"):

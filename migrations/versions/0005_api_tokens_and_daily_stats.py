@@ -1,7 +1,7 @@
 """api tokens and daily statistics
 
 Revision ID: 0005
-Revises: 0004
+Revises: 0008
 Create Date: 2026-11-22
 """
 
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 import cleanmail.models
 
 revision = "0005"
-down_revision = "0004"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

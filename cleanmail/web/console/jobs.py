@@ -18,6 +18,7 @@ from cleanmail import bulk, search, web
 from cleanmail.models import BulkJob, BulkStatus
 from cleanmail.web.console import access, bp, parse_ids, time_zone
 from cleanmail.web.console.forms import SearchForm
+from cleanmail.web.console.messages import status_names
 from cleanmail.web.preview import local_time
 
 MAX_SELECTED = 1000
@@ -171,6 +172,9 @@ def _criteria(job: BulkJob) -> list[tuple[str, str]]:
             continue
         if name == "ids":
             text = str(len(value))
+        elif name == "statuses":
+            names = status_names()
+            text = ", ".join(names.get(str(v), str(v)) for v in value)
         elif isinstance(value, list):
             text = ", ".join(str(v) for v in value)
         else:

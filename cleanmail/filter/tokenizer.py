@@ -1,0 +1,117 @@
+"""Message tokens for the learning classifier: words, header clues, links and HTML shape.
+
+Input is hostile: every view is bounded (the rules engine's 100 KB text and HTML views,
+then the first ``BODY_LIMIT`` characters of them), every regex is linear, and the
+result is a bounded set of short strings. Headers, the plain text, the visible text of
+the HTML, link hosts and a few structural clues each get their own prefix, so that
+"free" in a subject and "free" in a body weigh separately.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import UTC, datetime
+
+from cleanmail import mime
+from cleanmail.filter import engines, rules
+
+log = logging.getLogger(__name__)
+
+BODY_LIMIT = 30_000  # characters of text read; spam says what it wants early
+MAX_TOKENS = 2_000
+MAX_WORD = 24
+MAX_HEADER_VALUE = 500
+# Words of letters and digits (any script), with inner dots, dashes and apostrophes:
+# "don't", "e-mail", "v1.2". Three or more characters: shorter words tell little.
+_WORD = re.compile(r"[^\W_](?:[\w'.-]{0,40}[^\W_])?")
+_TAG_NAME = re.compile(r"<([a-z][a-z0-9]{0,10})\b")
+_IP_HOST = re.compile(r"^[\d.]{7,15}$|^\d{8,10}$|^0x[0-9a-f]{8}$")
+_NINES = str.maketrans("012345678", "999999999")
+_EMPTY = engines.Envelope("", ())
+# Headers whose words are tokens of their own; the rest count by name only.
+WORD_HEADERS = ("subject", "from", "to", "reply-to", "x-mailer", "user-agent", "content-type")
+_CLOCK_FIXED = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def tokenize(message: mime.ParsedMessage) -> list[str]:
+    """The message's distinct tokens, in a stable order; never raises on odd input."""
+    view = rules.View(message, _EMPTY, _CLOCK_FIXED)
+    found: list[str] = []
+    for source in (_headers, _body, _links, _shape):
+        try:
+            found += source(message, view)
+        except Exception:  # one odd part must not cost the others; the words still count
+            log.exception("tokenizer: %s failed", source.__name__)
+    return list(dict.fromkeys(found))[:MAX_TOKENS]
+
+
+def _words(text: str, prefix: str = "") -> list[str]:
+    """Lower-case words of 3 to MAX_WORD characters, every digit read as 9.
+
+    So prices, phone numbers and tracking ids of one shape are one token.
+    """
+    words = _WORD.findall(text[:BODY_LIMIT].lower().translate(_NINES))
+    out = [prefix + word for word in words if 2 < len(word) <= MAX_WORD]
+    out += [f"{prefix}long:{size}" for size in {len(w) // 10 for w in words if len(w) > MAX_WORD}]
+    return out
+
+
+def _headers(message: mime.ParsedMessage, view: rules.View) -> list[str]:
+    out = []
+    names = [str(name).lower()[:40] for name in message.headers.keys()[:200]]
+    out += [f"h:{name}" for name in dict.fromkeys(names)]
+    for name in WORD_HEADERS:
+        value = message.header(name)[:MAX_HEADER_VALUE]
+        if value:
+            out += _words(value, f"{name[:4]}:")
+    sender = message.from_address
+    if sender:
+        out.append(f"fromdom:{mime.address_domain(sender)[:60]}")
+    msgid = message.message_id
+    out.append(
+        f"msgid:{msgid.rpartition('@')[2].strip('<> ').lower()[:60]}"
+        if "@" in msgid
+        else "msgid:none"
+    )
+    if message.date is None:
+        out.append("date:none")
+    return out
+
+
+def _body(message: mime.ParsedMessage, view: rules.View) -> list[str]:
+    text = view.text[:BODY_LIMIT]
+    out = _words(text)
+    if view.html:
+        out += _words(view.html_visible[:BODY_LIMIT], "" if not text.strip() else "hv:")
+    return out
+
+
+def _links(message: mime.ParsedMessage, view: rules.View) -> list[str]:
+    out = []
+    for host in view.hosts[:50]:
+        host = host.lower().rstrip(".")[:100]
+        out.append(f"url:{host}")
+        labels = host.split(".")
+        if len(labels) > 2:
+            out.append(f"url:{'.'.join(labels[-2:])}")
+        if _IP_HOST.match(host):
+            out.append("url:ip")
+    out.append(f"links:{min(len(view.links), 20) // 5}")
+    return out
+
+
+def _shape(message: mime.ParsedMessage, view: rules.View) -> list[str]:
+    out = [f"part:{part.content_type[:60]}" for part in message.parts[:50]]
+    for part in message.parts[:20]:
+        charset = part.message.get_content_charset()
+        if charset:
+            out.append(f"charset:{charset[:30]}")
+        if part.encoding:
+            out.append(f"cte:{part.encoding[:20]}")
+    if view.html:
+        lower = view.html_lower[:BODY_LIMIT]
+        out += [f"tag:{name}" for name in _TAG_NAME.findall(lower)]
+    if message.defects:
+        out.append("mime:defect")
+    return out
