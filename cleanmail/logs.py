@@ -84,12 +84,12 @@ def formatter(name: str) -> logging.Formatter:
 
 
 def configure(level: str = "INFO", fmt: str = "text") -> None:
-    """Send every log line to stderr in the chosen format."""
+    """Send every log line to stderr in the chosen format (once, like basicConfig)."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter(fmt))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
 
