@@ -8,8 +8,10 @@ crash between the 250 and the mark (one small commit) sends that one twice.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -18,13 +20,15 @@ from sqlalchemy import or_, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
-from cleanmail import mailer
+from cleanmail import logs, mailer, stats
 from cleanmail.models import Report, ReportStatus
 from cleanmail.relay import Relay, RelayError
 
 BACKOFF = (timedelta(minutes=1), timedelta(minutes=5), timedelta(minutes=15), timedelta(hours=1))
 GIVE_UP = timedelta(hours=48)  # then a report is marked failed, for an operator to see
 CLAIM = timedelta(minutes=10)  # a report being sent is not taken by another sender meanwhile
+
+log = logging.getLogger(__name__)
 
 
 def claim(connection: Connection, report_ids: Sequence[int], now: datetime) -> list[int]:
@@ -82,6 +86,7 @@ class Tally:
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
+        self.sent_by_domain: Counter[str] = Counter()  # for the daily statistics
 
 
 class Senders:
@@ -130,8 +135,18 @@ class Senders:
             self.work.put(None)
         for thread in self.threads:
             thread.join()
+        self._count_sent()
         if self.tally.error is not None:
             raise self.tally.error
+
+    def _count_sent(self) -> None:
+        """Add the reports sent to the daily statistics, once per run rather than per report."""
+        day = stats.today()
+        counts = {
+            (day, domain, "reports_sent"): n for domain, n in self.tally.sent_by_domain.items()
+        }
+        with self.sessions.begin() as session:
+            stats.add(session, counts)
 
     def _run(self) -> None:
         try:
@@ -157,10 +172,21 @@ class Senders:
         except RelayError as exc:
             with self.sessions.begin() as session:
                 record_failure(session, report_id, exc, self.now)
+                stats.bump(session, "reports_failed", stats.address_domain(to))
             with self.tally.lock:
                 self.tally.failed += 1
+            logs.event(
+                log,
+                "report.failed",
+                level=logging.WARNING,
+                report_id=report_id,
+                mailbox=to,
+                error=str(exc),
+            )
             return
         with connection.begin():  # at once: the 250 is in, the mark is not yet
             mark_sent(connection, report_id, message_id, self.now)
         with self.tally.lock:
             self.tally.sent += 1
+            self.tally.sent_by_domain[stats.address_domain(to)] += 1
+        logs.event(log, "report.sent", report_id=report_id, mailbox=to)
