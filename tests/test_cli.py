@@ -196,6 +196,33 @@ def test_serve_migrates_the_embedded_database_and_runs_every_daemon(tmp_path):
     assert (tmp_path / "instance" / "cleanmail.db").exists()
 
 
+def test_serve_says_it_is_running_only_once_both_ports_answer(tmp_path):
+    filter_port, web_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "CLEANMAIL_DATA_DIR": str(tmp_path / "instance"),
+        "CLEANMAIL_FILTER_LISTEN": f"127.0.0.1:{filter_port}",
+        "CLEANMAIL_WEB_LISTEN": f"127.0.0.1:{web_port}",
+    }
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "cleanmail", "serve"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert serve.stderr is not None
+        for line in serve.stderr:
+            if line.startswith("Cleanmail is running"):
+                break
+        # What a newcomer does next: open the web app and talk to the filter, no waiting.
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz", timeout=5) as page:
+            assert page.status == 200
+        with smtplib.SMTP("127.0.0.1", filter_port, timeout=10) as client:
+            assert client.noop()[0] == 250
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.communicate(timeout=30)
+    assert serve.returncode == 0
+
+
 def test_sigterm_finishes_mail_in_flight(config, database):
     with database.session_scope(write=True):
         pass
