@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -221,6 +222,26 @@ def test_serve_says_it_is_running_only_once_both_ports_answer(tmp_path):
         serve.send_signal(signal.SIGTERM)
         serve.communicate(timeout=30)
     assert serve.returncode == 0
+
+
+@pytest.mark.parametrize("setting", ["CLEANMAIL_WEB_LISTEN", "CLEANMAIL_FILTER_LISTEN"])
+def test_serve_names_the_setting_of_a_port_that_is_taken(tmp_path, setting):
+    env = {
+        **os.environ,
+        "CLEANMAIL_DATA_DIR": str(tmp_path / "instance"),
+        "CLEANMAIL_FILTER_LISTEN": f"127.0.0.1:{free_port()}",
+        "CLEANMAIL_WEB_LISTEN": f"127.0.0.1:{free_port()}",
+    }
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        env[setting] = f"127.0.0.1:{taken.getsockname()[1]}"
+        done = subprocess.run(
+            [sys.executable, "-m", "cleanmail", "serve"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"cleanmail: error: {setting}: cannot listen on")
+    assert "running" not in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.splitlines()) == 1
 
 
 def test_sigterm_finishes_mail_in_flight(config, database):

@@ -62,6 +62,11 @@ def serve_command(state: State) -> None:
     if config.is_embedded_database:
         db.upgrade(config.database_url)
     db.check_migrated(state.database())
+    from cleanmail.filter import server as filter_server
+    from cleanmail.web import server as web_server
+
+    filter_server.bind(config).close()  # a taken port stops here, with its setting named
+    web_server.check_listen(config)
     children = {
         name: subprocess.Popen([sys.executable, "-m", "cleanmail", name])
         for name in ("filter", "web", "scheduler")
