@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import smtplib
@@ -204,7 +205,9 @@ def test_serve_says_it_is_running_only_once_both_ports_answer(tmp_path):
         "CLEANMAIL_DATA_DIR": str(tmp_path / "instance"),
         "CLEANMAIL_FILTER_LISTEN": f"127.0.0.1:{filter_port}",
         "CLEANMAIL_WEB_LISTEN": f"127.0.0.1:{web_port}",
+        "HOME": str(tmp_path),
     }
+    env.pop("XDG_RUNTIME_DIR", None)
     serve = subprocess.Popen(
         [sys.executable, "-m", "cleanmail", "serve"], env=env, stderr=subprocess.PIPE, text=True
     )
@@ -222,6 +225,8 @@ def test_serve_says_it_is_running_only_once_both_ports_answer(tmp_path):
         serve.send_signal(signal.SIGTERM)
         serve.communicate(timeout=30)
     assert serve.returncode == 0
+    # No gunicorn control socket that another instance on the machine would share.
+    assert not (tmp_path / ".gunicorn").exists()
 
 
 @pytest.mark.parametrize("setting", ["CLEANMAIL_WEB_LISTEN", "CLEANMAIL_FILTER_LISTEN"])
@@ -242,6 +247,13 @@ def test_serve_names_the_setting_of_a_port_that_is_taken(tmp_path, setting):
     assert done.stderr.startswith(f"cleanmail: error: {setting}: cannot listen on")
     assert "running" not in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.splitlines()) == 1
+
+
+def test_routine_scheduler_runs_are_not_logged(tmp_path):
+    env = {**os.environ, "CLEANMAIL_DATA_DIR": str(tmp_path / "instance")}
+    assert CliRunner().invoke(cli, ["db", "current"], env=env).exit_code == 0
+    # The executor's "Running job ..." lines: a dozen a minute in `cleanmail serve`'s output.
+    assert logging.getLogger("apscheduler.executors").level == logging.WARNING
 
 
 def test_sigterm_finishes_mail_in_flight(config, database):

@@ -26,6 +26,9 @@ class WebServer(BaseApplication):
             "threads": 4,
             "accesslog": "-",
             "proc_name": "cleanmail-web",
+            # gunicorn's control socket is one path per user ($HOME/.gunicorn/gunicorn.ctl):
+            # a second instance on the machine would take it over.
+            "control_socket_disable": True,
         }
         for key, value in settings.items():
             self.cfg.set(key, value)
