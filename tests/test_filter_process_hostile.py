@@ -17,10 +17,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from cleanmail import audit, mailboxes
+from cleanmail.models import Mailbox, Message
 from tests.conftest import FilterProcess
-from tests.messages import message
+from tests.messages import GTUBE, message
+from tests.test_filter_hostile import raw_session
 from tests.test_mime import nested
 
 ACTOR = audit.Actor("operator", "test")
@@ -136,3 +139,35 @@ def test_hostile_messages_are_answered_quickly_by_the_filter_process(trained_fil
     assert slow == {}
     assert {name: code for name, (code, _took) in answers.items()} == dict.fromkeys(HOSTILE, 250)
     assert trained_filter.process.poll() is None
+
+
+GTUBE_MAIL = b"Subject: x\r\n\r\n" + GTUBE.encode() + b"\r\n"
+ENVELOPES = {
+    "smtputf8": (
+        b"MAIL FROM:<send\xc3\xa9r@ex\xc3\xa4mple.com> SMTPUTF8", b"\xc3\xa6\xc3\xb8@example.no"
+    ),
+    "nul-in-sender": (b"MAIL FROM:<a\x00b@example.com>", b"ola@example.no"),
+    "8bit-sender-without-smtputf8": (b"MAIL FROM:<\xff\xfe@example.com>", b"ola@example.no"),
+    "upper-case-recipient": (b"MAIL FROM:<>", b"OLA@EXAMPLE.NO"),
+}
+
+
+def test_hostile_envelopes_are_held_in_the_recipients_mailbox(trained_filter, database):
+    port = trained_filter.config.filter_listen.port
+    replies = {
+        name: raw_session(port, [b"EHLO mx", mail_from, b"RCPT TO:<" + rcpt + b">", b"DATA"],
+                          b"X-Case: " + name.encode() + b"\r\n" + GTUBE_MAIL)[-1][:3]
+        for name, (mail_from, rcpt) in ENVELOPES.items()
+    }
+    assert replies == dict.fromkeys(ENVELOPES, b"250")
+    with database.session_scope() as session:
+        held = session.execute(
+            select(Mailbox.address, Message.envelope_sender).join(Message.mailbox)
+        ).all()
+    assert sorted(address for address, _sender in held) == [
+        "ola@example.no", "ola@example.no", "ola@example.no", "æø@example.no"
+    ]
+    # Stored without NUL (PostgreSQL refuses it) and without lone surrogates.
+    for _address, sender in held:
+        assert "\x00" not in sender
+        sender.encode("utf-8")
