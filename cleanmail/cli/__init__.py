@@ -91,6 +91,10 @@ def cli(ctx: click.Context, verbose: bool) -> None:
     logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
     # aiosmtpd logs every command at INFO: that costs more than our checks of a message.
     logging.getLogger("mail.log").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # APScheduler's executor logs two lines per job run, a dozen a minute: only trouble.
+    logging.getLogger("apscheduler.executors").setLevel(
+        logging.DEBUG if verbose else logging.WARNING
+    )
 
 
 def main() -> None:
