@@ -14,7 +14,7 @@ from cleanmail.models import utcnow
 @cli.command("scheduler")
 @pass_state
 def scheduler_command(state: State) -> None:
-    """Run the scheduled jobs (reports, purge, bulk, learning, feedback); one leader among all nodes."""
+    """Run the scheduled jobs (reports, purge, bulk, learning, feedback); one leader."""
     from cleanmail import scheduler
 
     try:
