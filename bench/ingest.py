@@ -380,6 +380,17 @@ def family(pid: int) -> list[int]:
     return found
 
 
+def workers_started(pid: int, workers: int | None, timeout: float = 60.0) -> list[int]:
+    """The filter's processes once all its workers have forked (the parent listens first)."""
+    expected = workers or os.cpu_count() or 1
+    deadline = time.monotonic() + timeout
+    while len(found := family(pid)) < 1 + expected and expected > 1:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the filter forked {len(found) - 1} of {expected} workers")
+        time.sleep(0.05)
+    return found
+
+
 def proc_status(pids: list[int], name: str) -> int:
     """A /proc/PID/status field in kB, summed over processes (0 for one that is gone)."""
     total = 0
@@ -652,7 +663,7 @@ def measure_filter(messages: Sequence[Message], args: argparse.Namespace, setup:
                         args.profile_gil, args.filter_workers) as (proc, port):
         before = counter.value
         result = run_batch(port, messages, args.connections, args.client_processes,
-                           family(proc.pid))
+                           workers_started(proc.pid, args.filter_workers))
         result.reached_sink = counter.value - before
     result.quarantined = setup.count_quarantined()
     with open(tmp / "filter.log", "rb") as log:
