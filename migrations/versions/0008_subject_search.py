@@ -1,0 +1,57 @@
+"""subject search: a word index on messages.subject (full-text, not trigrams)
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-11-22
+
+PostgreSQL: a GIN index on the subject's words (``search.SUBJECT_WORDS``, the 'simple'
+configuration: no stemming, no stop words). SQLite: an FTS5 table over the subject,
+with ``messages`` as its content, kept in step by triggers.
+"""
+
+from alembic import op
+
+revision = "0008"
+down_revision = "0007"
+branch_labels = None
+depends_on = None
+
+# Keep in step with cleanmail/search.py (SUBJECT_WORDS): the planner uses the index only
+# for exactly this expression.
+PG_WORDS = "to_tsvector('simple'::regconfig, translate(subject, '.@/:-_<>&+=', '           '))"
+
+
+def upgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(f"CREATE INDEX ix_messages_subject_words ON messages USING gin (({PG_WORDS}))")
+        return
+    op.execute(
+        "CREATE VIRTUAL TABLE messages_subject_fts USING fts5("
+        "subject, content='messages', content_rowid='id',"
+        " tokenize='unicode61 remove_diacritics 0')"
+    )
+    op.execute(
+        "CREATE TRIGGER messages_subject_fts_insert AFTER INSERT ON messages BEGIN"
+        " INSERT INTO messages_subject_fts (rowid, subject) VALUES (new.id, new.subject); END"
+    )
+    op.execute(
+        "CREATE TRIGGER messages_subject_fts_delete AFTER DELETE ON messages BEGIN"
+        " INSERT INTO messages_subject_fts (messages_subject_fts, rowid, subject)"
+        " VALUES ('delete', old.id, old.subject); END"
+    )
+    op.execute(
+        "CREATE TRIGGER messages_subject_fts_update AFTER UPDATE OF subject ON messages BEGIN"
+        " INSERT INTO messages_subject_fts (messages_subject_fts, rowid, subject)"
+        " VALUES ('delete', old.id, old.subject);"
+        " INSERT INTO messages_subject_fts (rowid, subject) VALUES (new.id, new.subject); END"
+    )
+    op.execute("INSERT INTO messages_subject_fts (messages_subject_fts) VALUES ('rebuild')")
+
+
+def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("DROP INDEX IF EXISTS ix_messages_subject_words")
+        return
+    for name in ("insert", "delete", "update"):
+        op.execute(f"DROP TRIGGER IF EXISTS messages_subject_fts_{name}")
+    op.execute("DROP TABLE IF EXISTS messages_subject_fts")
