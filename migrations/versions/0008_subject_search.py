@@ -5,11 +5,13 @@ Revises: 0007
 Create Date: 2026-11-22
 
 PostgreSQL: a GIN index on the subject's words (``search.SUBJECT_WORDS``, the 'simple'
-configuration: no stemming, no stop words). SQLite: an FTS5 table over the subject,
+configuration: no stemming, no stop words). It replaces 0004's trigram index, which only
+the subject search used, so the filter's inserts keep one GIN index to update. SQLite: an FTS5 table over the subject,
 with ``messages`` as its content, kept in step by triggers.
 """
 
 from alembic import op
+import sqlalchemy as sa
 
 revision = "0008"
 down_revision = "0007"
@@ -24,6 +26,7 @@ PG_WORDS = "to_tsvector('simple'::regconfig, translate(subject, '.@/:-_<>&+=', '
 def upgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute(f"CREATE INDEX ix_messages_subject_words ON messages USING gin (({PG_WORDS}))")
+        op.execute("DROP INDEX IF EXISTS ix_messages_subject_trgm")
         return
     op.execute(
         "CREATE VIRTUAL TABLE messages_subject_fts USING fts5("
@@ -51,6 +54,12 @@ def upgrade() -> None:
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute("DROP INDEX IF EXISTS ix_messages_subject_words")
+        trigram = sa.text("SELECT 1 FROM pg_extension WHERE extname = 'pg_trgm'")
+        if op.get_bind().execute(trigram).first() is not None:  # as 0004 made it
+            op.execute(
+                "CREATE INDEX IF NOT EXISTS ix_messages_subject_trgm"
+                " ON messages USING gin (subject gin_trgm_ops)"
+            )
         return
     for name in ("insert", "delete", "update"):
         op.execute(f"DROP TRIGGER IF EXISTS messages_subject_fts_{name}")
