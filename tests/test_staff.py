@@ -347,3 +347,25 @@ def test_subject_words_index_follows_changes_and_migrates_both_ways(database, tw
     db.upgrade(database.url)  # on SQLite the FTS table is rebuilt from the messages
     assert found("waiting parcel") == {two_domains["virus"]}
     assert found("invoice") == {two_domains["invoice"], two_domains["per"]}
+
+
+@pytest.mark.parametrize("rare", [5_000, 0])
+def test_subject_words_common_and_rare_find_the_same(database, two_domains, monkeypatch, rare):
+    """SQLite looks a rare word up by id and checks a common one row by row: same answer."""
+    monkeypatch.setattr(search, "RARE", rare)
+    ids = two_domains
+
+    def found(subject, **kw):
+        return _found(database, staff.OPERATOR, search.Query(subject=subject), **kw)
+
+    assert set(found("invoice")[0]) == {ids["invoice"], ids["per"]}
+    assert set(found("autumn sale")[0]) == {ids["newsletter"]}
+    first, after = found("invoice", limit=1)
+    assert first == [ids["per"]] and after is not None  # newest first, keyset pages
+    assert found("invoice", after=after, limit=1)[0] == [ids["invoice"]]
+    with database.session_scope() as session:
+        query = search.Query(subject="invoice")
+        assert search.count(session, staff.OPERATOR, query) == 2
+        assert list(search.batches(session, staff.OPERATOR, query)) == [
+            sorted([ids["invoice"], ids["per"]])
+        ]
