@@ -19,6 +19,10 @@ release`` do) to a counting SMTP sink in its own process, and reports messages/s
 
 ``--queries 0`` skips the searches (``--messages 0 --queries 0``: only the release).
 
+The built SQLite database is cached in ``~/.cache/cleanmail-bench/`` under a key of the
+size, the schema revision and the day (as ``bench/web.py`` does) and copied for each run, as the
+release changes it; ``--rebuild`` builds it again.
+
 Targets: search p95 under 100 ms on PostgreSQL; release at no less than 300/s.
 The machine is shared and noisy: read the figures beside the primary-key reference.
 """
@@ -28,7 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -55,7 +61,10 @@ MAILBOXES = 10_000
 SENDER_DOMAINS = 5_000
 WORDS = 5_000
 BATCH = 20_000
-NOW = datetime.now(UTC).replace(microsecond=0)
+# The start of today, so that a database cached today holds the rows a fresh one would.
+NOW = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cleanmail-bench"
+FORMAT = 1  # bump when the generated data changes, so that cached databases are rebuilt
 COLUMNS = (
     "mailbox_id",
     "raw_sha256",
@@ -239,8 +248,13 @@ def measure(database: db.Database, queries: int, count: int) -> dict[str, list[f
     }
 
 
-def release(database: db.Database, store: Store, total: int) -> tuple[float, int]:
-    """Release ``total`` held messages as one bulk job to a sink; (messages/s, delivered)."""
+def release(database: db.Database, store: Store, total: int) -> tuple[float, float, int]:
+    """Release ``total`` held messages as one bulk job to a sink.
+
+    Returns the bare relay's rate to the same sink (the reference: the same ``Relay``
+    sending the same message ``total`` times, one connection, no database), the bulk
+    job's messages/s, and how many messages the sink received from the job.
+    """
     sha = digest(RAW)
     store.write(sha, RAW)
     with database.session_scope(write=True) as session:
@@ -277,6 +291,13 @@ def release(database: db.Database, store: Store, total: int) -> tuple[float, int
     try:
         if not ready.wait(30):
             raise RuntimeError("the SMTP sink did not start")
+        relay = Relay(Endpoint("127.0.0.1", port), timeout=30, hostname="bench.invalid")
+        started = time.monotonic()
+        for m in range(total):
+            relay.send(f"billing@{RELEASE_DOMAIN}", [f"box{m}@d1.example"], RAW)
+        reference = total / (time.monotonic() - started)
+        relay.close()
+        before = counter.value
         query = search.Query(sender=RELEASE_DOMAIN)
         with database.session_scope(write=True) as session:
             job = bulk.create(
@@ -292,20 +313,49 @@ def release(database: db.Database, store: Store, total: int) -> tuple[float, int
                 .select_from(Message)
                 .where(Message.sender_domain == RELEASE_DOMAIN, Message.status == "released")
             )
-        return (released or 0) / seconds, counter.value
+        return reference, (released or 0) / seconds, counter.value - before
     finally:
         sink.terminate()
         sink.join(10)
 
 
-def run(name: str, url: str, workdir: Path, args: argparse.Namespace) -> None:
-    """Build, measure and print one backend's figures."""
-    print(f"\n== {name}: building {args.messages:,} messages", file=sys.stderr)
-    db.upgrade(url)
+def cached_sqlite(workdir: Path, messages: int, rebuild: bool) -> tuple[str, str]:
+    """A copy of the cached SQLite database in workdir (built when missing); (url, how)."""
+    key = f"search-{messages}-{db.head_revision()}-v{FORMAT}-{NOW:%Y%m%d}"
+    final = CACHE / key / "bench.db"
+    if rebuild and final.parent.exists():
+        shutil.rmtree(final.parent)
+    how = "cached, --rebuild to rebuild"
+    if not final.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f"{key}.partial-", dir=CACHE))
+        try:
+            url = f"sqlite:///{partial / 'bench.db'}"
+            db.upgrade(url)
+            database = db.Database(url)
+            try:
+                print(f"\n== sqlite: building {messages:,} messages", file=sys.stderr)
+                how = f"built in {build(database, messages):.0f} s"
+            finally:
+                database.dispose()
+            partial.rename(final.parent)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    shutil.copyfile(final, workdir / "bench.db")
+    return f"sqlite:///{workdir / 'bench.db'}", how
+
+
+def run(name: str, url: str, workdir: Path, args: argparse.Namespace, how: str = "") -> None:
+    """Build (unless ``how`` says it was built), measure and print one backend's figures."""
+    if not how:
+        print(f"\n== {name}: building {args.messages:,} messages", file=sys.stderr)
+        db.upgrade(url)
     database = db.Database(url)
     try:
-        seconds = build(database, args.messages)
-        print(f"{name}: built {args.messages:,} messages in {seconds:.0f} s")
+        if not how:
+            how = f"built in {build(database, args.messages):.0f} s"
+        print(f"{name}: {args.messages:,} messages ({how})")
         results = measure(database, args.queries, args.messages) if args.queries else {}
         if results:
             reference = statistics.median(results["primary key lookup"])
@@ -317,10 +367,11 @@ def run(name: str, url: str, workdir: Path, args: argparse.Namespace) -> None:
             )
         if args.release:
             store = Store(workdir / f"store-{name}")
-            rate, delivered = release(database, store, args.release)
+            reference, rate, delivered = release(database, store, args.release)
             print(
                 f"{name}: bulk release of {args.release:,}: {rate:.0f} messages/s"
-                f" ({delivered:,} reached the sink; target >= 300/s)"
+                f" ({delivered:,} reached the sink; target >= 300/s); the bare relay to the"
+                f" same sink: {reference:.0f} messages/s ({rate / reference:.0%})"
             )
     finally:
         database.dispose()
@@ -333,12 +384,16 @@ def main() -> None:
     parser.add_argument("--release", type=int, default=10_000)
     parser.add_argument("--queries", type=int, default=60)
     parser.add_argument("--database", choices=("sqlite", "postgresql", "both"), default="both")
+    parser.add_argument(
+        "--rebuild", action="store_true", help=f"rebuild the SQLite database cached in {CACHE}"
+    )
     args = parser.parse_args()
     args.release = min(args.release, MAILBOXES)  # one held copy per mailbox shares one file
     with tempfile.TemporaryDirectory(prefix="cleanmail-bench-search-") as tmp:
         workdir = Path(tmp)
         if args.database in ("sqlite", "both"):
-            run("sqlite", f"sqlite:///{workdir / 'bench.db'}", workdir, args)
+            url, how = cached_sqlite(workdir, args.messages, args.rebuild)
+            run("sqlite", url, workdir, args, how)
         if args.database in ("postgresql", "both"):
             (workdir / "pg").mkdir()
             with PostgresServer(workdir / "pg") as pg:

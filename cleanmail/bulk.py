@@ -29,7 +29,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from cleanmail import audit, db, quarantine, search
-from cleanmail.models import BulkJob, BulkStatus, Message, Status, utcnow
+from cleanmail.models import BulkJob, BulkStatus, Mailbox, Message, Status, utcnow
 from cleanmail.relay import Relay
 from cleanmail.staff import Access, access_from_json
 from cleanmail.store import Store, StoreError
@@ -229,15 +229,24 @@ class _Runner:
 
     def _work(self, ids: list[int]) -> None:
         try:
+            prepared = quarantine.Prepared()
+            if self.action == "release":  # the recipients of the batch, in one query
+                with self.database.sessions() as session:
+                    found = session.execute(
+                        select(Message.id, Mailbox.address)
+                        .join(Mailbox, Mailbox.id == Message.mailbox_id)
+                        .where(Message.id.in_(ids))
+                    )
+                    prepared.addresses = {message_id: address for message_id, address in found}
             with self.database.write_sessions() as session:
                 for message_id in ids:
                     if self.stop.is_set():
                         return
-                    self._one(session, message_id)
+                    self._one(session, message_id, prepared)
         finally:
             self.relay.close()  # this thread's connection
 
-    def _one(self, session: Session, message_id: int) -> None:
+    def _one(self, session: Session, message_id: int, prepared: quarantine.Prepared) -> None:
         """Handle one message and count it, in one transaction."""
         try:
             outcome, error = "skipped", None
@@ -245,7 +254,7 @@ class _Runner:
             if message is not None:
                 try:
                     outcome = _act(
-                        session, self.store, self.relay, self.action, message, self.actor
+                        session, self.store, self.relay, self.action, message, self.actor, prepared
                     )
                 except quarantine.ReleaseFailed as exc:  # kept on the message, retryable
                     outcome, error = "failed", str(exc)
@@ -283,11 +292,19 @@ class _Runner:
 
 
 def _act(
-    session: Session, store: Store, relay: Relay, action: str, message: Message, actor: audit.Actor
+    session: Session,
+    store: Store,
+    relay: Relay,
+    action: str,
+    message: Message,
+    actor: audit.Actor,
+    prepared: quarantine.Prepared,
 ) -> str:
     """Release or delete one message that the caller loaded FOR UPDATE."""
     if action == "release":
-        released = quarantine.release(session, store, relay, message, actor, locked=True)
+        released = quarantine.release(
+            session, store, relay, message, actor, locked=True, prepared=prepared
+        )
         return "done" if released else "skipped"
     if message.status not in (Status.NEW, Status.RELEASED):
         return "skipped"

@@ -46,11 +46,13 @@ def record(
     source: str = "mark",
     raw: bytes | None = None,
     store: Store | None = None,
+    tokens: list[str] | None = None,
 ) -> LearningEvent:
     """Add a learning event for a held message (committed with the caller's action).
 
     The tokens are taken now, from ``raw`` or from ``store``, so that the lesson
     survives a delete right after; without either the learning job reads the store.
+    ``tokens``: already taken from the message's content (``tokens_of``).
     """
     try:
         label = Label(label)
@@ -58,12 +60,15 @@ def record(
         raise LearningError(f"unknown label {label!r}: use ham or spam") from None
     if source not in SOURCES:
         raise LearningError(f"unknown learning source {source!r}")
-    if raw is None and store is not None and message.raw_sha256 is not None:
+    if tokens is not None:
+        raw = None
+    elif raw is None and store is not None and message.raw_sha256 is not None:
         try:
             raw = store.read(message.raw_sha256)
         except StoreError as exc:
             log.warning("learning: cannot read message %s: %s", message.id, exc)
-    tokens = tokens_of(raw) if raw is not None else []
+    if tokens is None:
+        tokens = tokens_of(raw) if raw is not None else []
     event = LearningEvent(
         label=label,
         source=source,

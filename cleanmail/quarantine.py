@@ -143,6 +143,32 @@ class ReleaseFailed(QuarantineError):
     """The mail server did not take a released message; it stays in the quarantine."""
 
 
+@dataclass
+class Prepared:
+    """Read once for many releases: recipients by message id, content and tokens by hash.
+
+    Keeps the last content only: a bulk job's messages are in id order, and copies of
+    one message (one campaign to many mailboxes) are usually close together.
+    """
+
+    addresses: dict[int, str] = field(default_factory=dict)
+    _sha: str | None = None
+    _raw: bytes = b""
+    _tokens: list[str] | None = None
+
+    def raw(self, store: Store, sha: str) -> bytes:
+        """The content with this hash, from the store unless it was the last one read."""
+        if sha != self._sha:
+            self._raw, self._sha, self._tokens = store.read(sha), sha, None
+        return self._raw
+
+    def tokens(self, sha: str, raw: bytes) -> list[str]:
+        """The classifier's tokens of the content last read (taken once per content)."""
+        if sha != self._sha or self._tokens is None:
+            self._tokens = learning.tokens_of(raw)
+        return self._tokens
+
+
 def release(
     session: Session,
     store: Store,
@@ -151,13 +177,15 @@ def release(
     actor: audit.Actor,
     *,
     locked: bool = False,
+    prepared: Prepared | None = None,
 ) -> bool:
     """Deliver a held message to its mailbox once; False when it was already released.
 
     The row is locked while the relay takes the message, so two releases at the same
     time deliver it once (``locked``: the caller loaded it FOR UPDATE in this
     transaction). A refusal is recorded on the message (and raised) so that the owner
-    sees the error and can try again.
+    sees the error and can try again. ``prepared``: what a bulk job read beforehand for
+    many messages at once (their content and recipients), to save a query per message.
     """
     if not locked:
         session.refresh(message, with_for_update=True)
@@ -165,21 +193,25 @@ def release(
         return False
     if message.status != Status.NEW or message.raw_sha256 is None:
         raise QuarantineError(f"message {message.id} is {message.status} and cannot be released")
-    raw = store.read(message.raw_sha256)
-    mailbox = session.get(Mailbox, message.mailbox_id)
-    assert mailbox is not None
+    prepared = prepared or Prepared()
+    raw = prepared.raw(store, message.raw_sha256)
+    address = prepared.addresses.get(message.id)
+    if address is None:
+        mailbox = session.get(Mailbox, message.mailbox_id)
+        assert mailbox is not None
+        address = mailbox.address
     now = utcnow()
     header = f"X-Cleanmail-Released: by {actor.type} at {now:%Y-%m-%d %H:%M:%S} UTC\r\n"
     message.release_attempts += 1
     try:
-        relay.send(message.envelope_sender, [mailbox.address], raw, prefix=header.encode())
+        relay.send(message.envelope_sender, [address], raw, prefix=header.encode())
     except RelayError as exc:
         message.release_error = str(exc)[:1000]
         audit.record(
             session,
             actor,
             "message.release_failed",
-            mailbox_id=mailbox.id,
+            mailbox_id=message.mailbox_id,
             message_id=message.id,
             error=message.release_error,
         )
@@ -188,30 +220,31 @@ def release(
             "message.release_failed",
             level=logging.WARNING,
             message_id=message.id,
-            mailbox_id=mailbox.id,
+            mailbox_id=message.mailbox_id,
             actor=f"{actor.type}:{actor.name}",
             error=message.release_error,
         )
         raise ReleaseFailed(message.release_error) from exc
     message.status, message.released_at, message.release_error = Status.RELEASED, now, None
-    stats.bump(session, "released", stats.address_domain(mailbox.address))
+    stats.bump(session, "released", stats.address_domain(address))
     logs.event(
         log,
         "message.release",
         message_id=message.id,
-        mailbox_id=mailbox.id,
+        mailbox_id=message.mailbox_id,
         actor=f"{actor.type}:{actor.name}",
     )
     audit.record(
         session,
         actor,
         "message.release",
-        mailbox_id=mailbox.id,
+        mailbox_id=message.mailbox_id,
         message_id=message.id,
         subject=message.subject[:200],
     )
     # A release says the message was wanted: the classifier learns it as ham.
-    learning.record(session, message, Label.HAM, actor, source="release", raw=raw)
+    tokens = prepared.tokens(message.raw_sha256, raw)
+    learning.record(session, message, Label.HAM, actor, source="release", tokens=tokens)
     return True
 
 
