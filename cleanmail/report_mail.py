@@ -123,11 +123,21 @@ def _row(
 ) -> Listed:
     if isinstance(received, str):  # SQLite: naive UTC text
         received = datetime.fromisoformat(received).replace(tzinfo=UTC)
-    if isinstance(why, str | bytes):
+    reason = _top_reason(why) if isinstance(why, str) else _top(why)
+    return Listed(message_id, received, from_address or envelope, subject, reason)
+
+
+@lru_cache(maxsize=4096)  # bounded: a reason list is a few hundred bytes
+def _top_reason(why: str) -> dict[str, Any] | None:
+    """The top reason of a stored list, decoded once per distinct list (read only)."""
+    return _top(json.loads(why))
+
+
+def _top(why: Any) -> dict[str, Any] | None:
+    if isinstance(why, bytes):
         why = json.loads(why)
     top = why if isinstance(why, list) and len(why) == 1 else reasons.top(why or [], 1)
-    reason = top[0] if top and isinstance(top[0], dict) else None
-    return Listed(message_id, received, from_address or envelope, subject, reason)
+    return top[0] if top and isinstance(top[0], dict) else None
 
 
 @lru_cache(maxsize=1)
