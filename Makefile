@@ -10,7 +10,7 @@ APT_TEST := $(APT_RUN) postfix postgresql swaks chromium
 APT_TEST += rspamd spamassassin spamd
 PYTEST_ARGS ?=
 
-.PHONY: run test lint bench clean apt-run apt-test
+.PHONY: run test lint bench clean apt-run apt-test bench-search
 
 run: apt-run $(VENV)/.installed
 	@$(BIN)/cleanmail db upgrade
@@ -30,6 +30,9 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/accuracy.py
 	$(BIN)/python bench/reports.py
+
+bench-search: apt-test $(VENV)/.installed
+	$(BIN)/python bench/search.py
 
 # Debian packages, installed only when one is missing. Postfix is installed without a
 # system configuration: the tests run private instances of their own.

@@ -61,6 +61,7 @@ class Config:
     trusted_proxies: int = 0
     mail_from: str = ""
     log_level: str = "INFO"
+    log_format: str = "text"
     # The learning classifier (issue 6): on by default; it scores nothing until trained.
     classifier: bool = True
     classifier_reload: float = 5.0  # seconds between a filter's checks for a new model
@@ -178,6 +179,12 @@ def _log_level(value: str) -> str:
     return level
 
 
+def _log_format(value: str) -> str:
+    if value.lower() not in ("text", "keyvalue", "json"):
+        raise ValueError(f"expected text, keyvalue or json, got {value!r}")
+    return value.lower()
+
+
 def _switch(value: str) -> bool:
     word = value.strip().lower()
     if word not in {"on", "off", "true", "false", "yes", "no", "1", "0"}:
@@ -208,6 +215,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "trusted_proxies": int,
     "mail_from": str,
     "log_level": _log_level,
+    "log_format": _log_format,
     "classifier": _switch,
     "classifier_reload": _positive_float,
     "engines": _engine_list,

@@ -28,6 +28,10 @@ _HEADER_LINES = re.compile(rb"(?:%s)*+" % _LINE)
 # A header bomb (millions of short lines) would cost seconds and hundreds of MiB as
 # Message objects: lines past this many are skipped, and that is a defect.
 MAX_HEADER_LINES = 50_000
+# The email package reads the parameters of Content-Type and Content-Disposition in
+# quadratic time (a 2 MB header of "a=b;" took 50 s): past this length they are cut.
+MAX_PARAMS_HEADER = 8 * 1024
+_PARAMS_HEADERS = ("content-type", "content-disposition")
 _KEPT_HEADER_LINES = re.compile(rb"(?:%s){0,%d}+" % (_LINE, MAX_HEADER_LINES))
 # What may follow "--boundary" on a delimiter line: "--" on the last one, then blanks.
 _TAIL = re.compile(rb"(--)?[ \t]*(?=[\r\n]|\Z)")
@@ -121,10 +125,14 @@ class IndexedMessage(Message):
 
     def get(self, name: str, failobj: Any = None) -> Any:
         """The first value of a header, as Message.get gives it."""
-        found = self._headers_by_name().get(name.lower())
+        key = name.lower()
+        found = self._headers_by_name().get(key)
         if not found:
             return failobj
-        return self.policy.header_fetch_parse(*found[0])
+        value = self.policy.header_fetch_parse(*found[0])
+        if key in _PARAMS_HEADERS and isinstance(value, str) and len(value) > MAX_PARAMS_HEADER:
+            return value[:MAX_PARAMS_HEADER]
+        return value
 
     def get_all(self, name: str, failobj: Any = None) -> Any:
         """Every value of a header, as Message.get_all gives them."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -11,10 +12,12 @@ from sqlalchemy import cast, exists, func, or_, select
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
-from cleanmail import audit, learning, mime, sql
+from cleanmail import audit, learning, logs, mime, sql, stats
 from cleanmail.models import Label, Mailbox, Message, RawMessage, Status, utcnow
 from cleanmail.relay import Relay, RelayError
 from cleanmail.store import Store, digest
+
+log = logging.getLogger(__name__)
 
 
 class QuarantineError(LookupError):
@@ -180,8 +183,25 @@ def release(
             message_id=message.id,
             error=message.release_error,
         )
+        logs.event(
+            log,
+            "message.release_failed",
+            level=logging.WARNING,
+            message_id=message.id,
+            mailbox_id=mailbox.id,
+            actor=f"{actor.type}:{actor.name}",
+            error=message.release_error,
+        )
         raise ReleaseFailed(message.release_error) from exc
     message.status, message.released_at, message.release_error = Status.RELEASED, now, None
+    stats.bump(session, "released", stats.address_domain(mailbox.address))
+    logs.event(
+        log,
+        "message.release",
+        message_id=message.id,
+        mailbox_id=mailbox.id,
+        actor=f"{actor.type}:{actor.name}",
+    )
     audit.record(
         session,
         actor,

@@ -13,22 +13,27 @@ the last report claimed and unmarked, the next not claimed.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from sqlalchemy import bindparam, or_, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
-from cleanmail import mailer
+from cleanmail import logs, mailer, stats
 from cleanmail.models import Report, ReportStatus
 from cleanmail.relay import Relay, RelayError
 
 BACKOFF = (timedelta(minutes=1), timedelta(minutes=5), timedelta(minutes=15), timedelta(hours=1))
 GIVE_UP = timedelta(hours=48)  # then a report is marked failed, for an operator to see
 CLAIM = timedelta(minutes=10)  # a report being sent is not taken by another sender meanwhile
+
+log = logging.getLogger(__name__)
 
 
 _reports = Report.__table__.c
@@ -82,6 +87,14 @@ def mark_sent(connection: Connection, report_id: int, message_id: str, now: date
     connection.execute(_MARK_SENT, params)
 
 
+class Taken(NamedTuple):
+    """A report the relay has taken (said 250 to), to be marked sent."""
+
+    report_id: int
+    to: str
+    message_id: str
+
+
 @dataclass
 class Tally:
     """What the sender threads did, shared with the thread that feeds them."""
@@ -92,6 +105,7 @@ class Tally:
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
+        self.sent_by_domain: Counter[str] = Counter()  # for the daily statistics
 
 
 class Senders:
@@ -140,13 +154,23 @@ class Senders:
             self.work.put(None)
         for thread in self.threads:
             thread.join()
+        self._count_sent()
         if self.tally.error is not None:
             raise self.tally.error
+
+    def _count_sent(self) -> None:
+        """Add the reports sent to the daily statistics, once per run rather than per report."""
+        day = stats.today()
+        counts = {
+            (day, domain, "reports_sent"): n for domain, n in self.tally.sent_by_domain.items()
+        }
+        with self.sessions.begin() as session:
+            stats.add(session, counts)
 
     def _run(self) -> None:
         try:
             with self.engine.connect() as connection:
-                taken: tuple[int, str] | None = None  # the relay said 250; not marked yet
+                taken: Taken | None = None  # the relay said 250; not marked yet
                 while True:
                     try:  # with a report to mark, only take the next one if it is there
                         item = self.work.get(block=taken is None)
@@ -155,9 +179,8 @@ class Senders:
                         taken = None
                         continue
                     if item is None or self.tally.error is not None:
-                        if taken is not None:
-                            self._mark(connection, taken)
-                            taken = None
+                        self._mark(connection, taken)
+                        taken = None
                         if item is None:
                             break
                         continue
@@ -172,19 +195,22 @@ class Senders:
     def _send(
         self,
         connection: Connection,
-        taken: tuple[int, str] | None,
+        taken: Taken | None,
         report_id: int,
         to: str,
         message_id: str,
         raw: bytes,
-    ) -> tuple[int, str] | None:
+    ) -> Taken | None:
         """Mark the last report sent and claim this one (one commit), send it; what to mark."""
-        with connection.begin():
-            if taken is not None:
-                mark_sent(connection, *taken, self.now)
-            claimed = claim(connection, report_id, self.now)
-        if taken is not None:
-            self._count_sent()
+        try:
+            with connection.begin():
+                if taken is not None:
+                    mark_sent(connection, taken.report_id, taken.message_id, self.now)
+                claimed = claim(connection, report_id, self.now)
+        except Exception:
+            self._mark(connection, taken)  # the mark alone, so that it is not lost with the claim
+            raise
+        self._sent(taken)
         if not claimed:
             return None  # another sender has it, or it went out meanwhile
         try:
@@ -192,17 +218,30 @@ class Senders:
         except RelayError as exc:
             with self.sessions.begin() as session:
                 record_failure(session, report_id, exc, self.now)
+                stats.bump(session, "reports_failed", stats.address_domain(to))
             with self.tally.lock:
                 self.tally.failed += 1
+            logs.event(
+                log,
+                "report.failed",
+                level=logging.WARNING,
+                report_id=report_id,
+                mailbox=to,
+                error=str(exc),
+            )
             return None
-        return report_id, message_id
+        return Taken(report_id, to, message_id)
 
-    def _mark(self, connection: Connection, taken: tuple[int, str] | None) -> None:
+    def _mark(self, connection: Connection, taken: Taken | None) -> None:
         if taken is not None:
             with connection.begin():
-                mark_sent(connection, *taken, self.now)
-            self._count_sent()
+                mark_sent(connection, taken.report_id, taken.message_id, self.now)
+            self._sent(taken)
 
-    def _count_sent(self) -> None:
+    def _sent(self, taken: Taken | None) -> None:
+        if taken is None:
+            return
         with self.tally.lock:
             self.tally.sent += 1
+            self.tally.sent_by_domain[stats.address_domain(taken.to)] += 1
+        logs.event(log, "report.sent", report_id=taken.report_id, mailbox=taken.to)

@@ -239,6 +239,27 @@ def render_report(session: Session, report: Report, config: Config) -> bytes:
     return report_mail.Renderer(config).render(to, rows)
 
 
+def send_one(
+    sessions: sessionmaker[Session], relay: Relay, config: Config, report_id: int, now: datetime
+) -> bool | None:
+    """Send one pending report now: True sent, False failed this time, None taken by another."""
+    with sessions() as session:
+        found = report_mail.addressees(session, [report_id])
+        if not found:
+            return None
+        (to,) = found
+        rows = report_mail.listed(session, [report_id], REPORT_ROWS).get(report_id, [])
+    raw = report_mail.Renderer(config).render(to, rows)
+    pool = report_senders.Senders(sessions, relay, now, 1)
+    try:
+        pool.put(report_id, to.address, report_mail.message_id(to, config.hostname), raw)
+    finally:
+        pool.close()
+    if pool.tally.sent:
+        return True
+    return False if pool.tally.failed else None
+
+
 def _ready(now: datetime) -> Any:
     return select(Report.id).where(
         Report.status == ReportStatus.PENDING,

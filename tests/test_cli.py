@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -194,6 +196,64 @@ def test_serve_migrates_the_embedded_database_and_runs_every_daemon(tmp_path):
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(30) == 0
     assert (tmp_path / "instance" / "cleanmail.db").exists()
+
+
+def test_serve_says_it_is_running_only_once_both_ports_answer(tmp_path):
+    filter_port, web_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "CLEANMAIL_DATA_DIR": str(tmp_path / "instance"),
+        "CLEANMAIL_FILTER_LISTEN": f"127.0.0.1:{filter_port}",
+        "CLEANMAIL_WEB_LISTEN": f"127.0.0.1:{web_port}",
+        "HOME": str(tmp_path),
+    }
+    env.pop("XDG_RUNTIME_DIR", None)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "cleanmail", "serve"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert serve.stderr is not None
+        for line in serve.stderr:
+            if line.startswith("Cleanmail is running"):
+                break
+        # What a newcomer does next: open the web app and talk to the filter, no waiting.
+        with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz", timeout=5) as page:
+            assert page.status == 200
+        with smtplib.SMTP("127.0.0.1", filter_port, timeout=10) as client:
+            assert client.noop()[0] == 250
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.communicate(timeout=30)
+    assert serve.returncode == 0
+    # No gunicorn control socket that another instance on the machine would share.
+    assert not (tmp_path / ".gunicorn").exists()
+
+
+@pytest.mark.parametrize("setting", ["CLEANMAIL_WEB_LISTEN", "CLEANMAIL_FILTER_LISTEN"])
+def test_serve_names_the_setting_of_a_port_that_is_taken(tmp_path, setting):
+    env = {
+        **os.environ,
+        "CLEANMAIL_DATA_DIR": str(tmp_path / "instance"),
+        "CLEANMAIL_FILTER_LISTEN": f"127.0.0.1:{free_port()}",
+        "CLEANMAIL_WEB_LISTEN": f"127.0.0.1:{free_port()}",
+    }
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        env[setting] = f"127.0.0.1:{taken.getsockname()[1]}"
+        done = subprocess.run(
+            [sys.executable, "-m", "cleanmail", "serve"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"cleanmail: error: {setting}: cannot listen on")
+    assert "running" not in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_routine_scheduler_runs_are_not_logged(tmp_path):
+    env = {**os.environ, "CLEANMAIL_DATA_DIR": str(tmp_path / "instance")}
+    assert CliRunner().invoke(cli, ["db", "current"], env=env).exit_code == 0
+    # The executor's "Running job ..." lines: a dozen a minute in `cleanmail serve`'s output.
+    assert logging.getLogger("apscheduler.executors").level == logging.WARNING
 
 
 def test_sigterm_finishes_mail_in_flight(config, database):

@@ -339,3 +339,17 @@ def test_reasons_are_described_by_code():
         [{"code": "A", "score": 1}, {"code": "B", "score": 3}, {"code": "MANUAL", "score": 0}]
     )
     assert [r["code"] for r in ordered] == ["MANUAL", "B"]
+
+
+def test_a_from_header_of_nested_comments_does_not_break_the_list(client, owner, database, store):
+    # The email package's address parser recurses once per "(": 1,500 of them is a
+    # RecursionError, which took down the owner's whole quarantine list with a 500.
+    raw = b"From: " + b"(" * 1500 + b"a@evil.example\r\nSubject: comments\r\n\r\nhi\r\n"
+    message_id = hold_message(database, store, owner.id, raw, sender="env@evil.example")
+    login_as(client, owner)
+    listing = client.get("/")
+    assert listing.status_code == 200
+    assert "env@evil.example" in listing.get_data(as_text=True)
+    page = client.get(f"/messages/{message_id}")
+    assert page.status_code == 200
+    assert "env@evil.example" in page.get_data(as_text=True)

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from cleanmail import config as config_module
-from cleanmail import db, learning, lists, mailboxes, quarantine, store
+from cleanmail import db, learning, lists, logs, mailboxes, quarantine, store
 from cleanmail.bulk import BulkError
 from cleanmail.filter import classifier
 from cleanmail.search import SearchError
@@ -81,15 +81,20 @@ pass_state = click.make_pass_decorator(State, ensure=True)
 def cli(ctx: click.Context, verbose: bool) -> None:
     """Cleanmail: the quarantine manager of an internet provider's mail platform."""
     ctx.ensure_object(State)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    state = ctx.find_object(State)
+    try:
+        level, fmt = state.config.log_level, state.config.log_format
+    except config_module.ConfigError:
+        level, fmt = "INFO", "text"  # the command itself reports the bad setting
+    logs.configure("DEBUG" if verbose else level, fmt)
     # Alembic narrates every step at INFO; the commands say what matters themselves.
     logging.getLogger("alembic").setLevel(logging.DEBUG if verbose else logging.WARNING)
     # aiosmtpd logs every command at INFO: that costs more than our checks of a message.
     logging.getLogger("mail.log").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # APScheduler's executor logs two lines per job run, a dozen a minute: only trouble.
+    logging.getLogger("apscheduler.executors").setLevel(
+        logging.DEBUG if verbose else logging.WARNING
+    )
 
 
 def main() -> None:
@@ -101,6 +106,7 @@ def main() -> None:
         engine,
         feedback,
         links,
+        operations,
         reports,
         scheduler,
         staff,

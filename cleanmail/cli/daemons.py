@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,6 +62,11 @@ def serve_command(state: State) -> None:
     if config.is_embedded_database:
         db.upgrade(config.database_url)
     db.check_migrated(state.database())
+    from cleanmail.filter import server as filter_server
+    from cleanmail.web import server as web_server
+
+    filter_server.bind(config).close()  # a taken port stops here, with its setting named
+    web_server.check_listen(config)
     children = {
         name: subprocess.Popen([sys.executable, "-m", "cleanmail", name])
         for name in ("filter", "web", "scheduler")
@@ -73,11 +79,20 @@ def serve_command(state: State) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    click.echo(
-        f"Cleanmail is running: filter on {config.filter_listen}, web on {config.base_url}/"
-        " (Ctrl-C stops it)",
-        err=True,
-    )
+    # Say "running" only once both ports answer: a newcomer opens the link at once.
+    deadline = time.monotonic() + 60
+    waiting = [config.filter_listen, config.web_listen]
+    while waiting and not stopping and time.monotonic() < deadline:
+        if any(child.poll() is not None for child in children.values()):
+            break
+        waiting = [listen for listen in waiting if not _answers(listen.host, listen.port)]
+        time.sleep(0.2)
+    if not waiting:
+        click.echo(
+            f"Cleanmail is running: filter on {config.filter_listen}, web on {config.base_url}/"
+            " (Ctrl-C stops it)",
+            err=True,
+        )
     exit_code = 0
     while not stopping:
         for name, child in children.items():
@@ -91,3 +106,12 @@ def serve_command(state: State) -> None:
     for child in children.values():
         child.wait()
     os._exit(exit_code)
+
+
+def _answers(host: str, port: int) -> bool:
+    """True when something accepts connections on host:port."""
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True

@@ -22,7 +22,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from cleanmail import lists, mailboxes, mime, quarantine
+from cleanmail import lists, logs, mailboxes, mime, quarantine
 from cleanmail.config import Config
 from cleanmail.db import Database
 from cleanmail.filter import attachments, auth
@@ -61,6 +61,7 @@ class Analysis:
     envelope: Envelope
     findings: list[attachments.Finding]
     result: EngineResult
+    seconds: float = 0.0  # time spent checking and deciding (set by the filter server)
 
     def reasons(self) -> list[dict[str, Any]]:
         """Blocked attachments if any, else the engines' hits, as stored reasons."""
@@ -301,7 +302,7 @@ class Pipeline:
             )
             holds = [quarantine.Hold(d.mailbox_id, d.score, d.reasons) for d in held]
             with self.database.session_scope(write=True) as session:
-                quarantine.hold(
+                ids = quarantine.hold(
                     session,
                     self.store,
                     raw,
@@ -310,6 +311,13 @@ class Pipeline:
                     holds,
                     retention_days=self.config.retention_days,
                 )
+            logs.event(
+                log,
+                "message.quarantine",
+                message_ids=ids,
+                mailbox_ids=[d.mailbox_id for d in held],
+                sender=envelope.sender,
+            )
         groups: dict[bytes, list[str]] = {}
         for decision in decisions:
             if decision.verdict == PASS:

@@ -21,7 +21,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 from sqlalchemy.exc import SQLAlchemyError
 
-from cleanmail import mime
+from cleanmail import logs, mime, stats
 from cleanmail.config import Config, ConfigError
 from cleanmail.filter.engines import EngineError
 from cleanmail.filter.engines import Envelope as CheckEnvelope
@@ -44,6 +44,7 @@ REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
 REPLY_ENGINE_FAILED = "451 4.7.1 Spam check unavailable, try again later"
 XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PROTO", "HELO")
 LINE_LIMIT = 64 * 1024
+COUNTED = {"pass": "passed", "quarantine": "quarantined", "reject": "rejected"}
 # Anything but a plain address inside <...> goes to aiosmtpd's full parser.
 _UNUSUAL = re.compile(r'[\s"\\(),:;<\[\]]')
 
@@ -195,6 +196,7 @@ class Handler:
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self.counters = stats.Counters()
 
     async def handle_EHLO(
         self,
@@ -256,13 +258,14 @@ class Handler:
             self.in_flight -= 1
             if not self.in_flight:
                 self.idle.set()
-        log.info(
-            "message from=<%s> rcpts=%d size=%d reply=%r seconds=%.3f",
-            envelope.mail_from,
-            len(envelope.rcpt_tos),
-            len(envelope.original_content or b""),
-            reply,
-            time.monotonic() - started,
+        logs.event(
+            log,
+            "message.checked",
+            sender=envelope.mail_from,
+            rcpts=len(envelope.rcpt_tos),
+            size=len(envelope.original_content or b""),
+            reply=reply,
+            seconds=round(time.monotonic() - started, 3),
         )
         return reply
 
@@ -295,10 +298,12 @@ class Handler:
 
     def _run(self, job: _Job, raw: bytes, envelope: CheckEnvelope) -> str:
         """Check and decide, then deliver unless the SMTP side gave up (one thread hop)."""
+        started = time.monotonic()
         try:
             analysis = self.pipeline.analyze(raw, envelope)
             # Deciding may ask an external engine: still within the time limit.
             decisions = self.pipeline.decide(analysis)
+            analysis.seconds = time.monotonic() - started  # for the latency statistics
         except EngineError as exc:
             log.warning("no verdict for a message from <%s>: %s", envelope.sender, exc)
             return REPLY_ENGINE_FAILED
@@ -326,7 +331,20 @@ class Handler:
             return REPLY_INTERNAL
 
     def _deliver(self, raw: bytes, analysis: Any, decisions: Any) -> str:
+        started = time.monotonic()
         refused = self.pipeline.deliver(raw, analysis, decisions)
+        self.counters.verdicts(
+            (
+                (
+                    stats.address_domain(d.recipient),
+                    COUNTED[d.verdict],
+                    [r["code"] for r in d.reasons] if d.verdict != "pass" else [],
+                )
+                for d in decisions
+                if d.mailbox_id is not None
+            ),
+            analysis.seconds + time.monotonic() - started,
+        )
         if refused:
             return refused
         verdicts = ",".join(f"{d.verdict}" for d in decisions)
@@ -387,6 +405,8 @@ async def serve(
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+    flusher = stats.Flusher(handler.counters, pipeline.database)
+    flusher.start()
     log.info("filter listening on %s, relaying to %s", listen, config.relay)
     if ready is not None:
         ready()
@@ -405,4 +425,5 @@ async def serve(
             protocol.transport.close()
     await server.wait_closed()
     executor.shutdown(wait=False, cancel_futures=True)
+    flusher.stop()
     log.info("filter stopped")

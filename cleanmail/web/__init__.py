@@ -73,7 +73,7 @@ def _register_areas(app: Flask) -> None:
     """The blueprints of each area of the app that exists."""
     import importlib
 
-    for name in ("auth", "quarantine", "lists", "settings", "console"):
+    for name in ("auth", "quarantine", "lists", "settings", "console", "api", "metrics"):
         try:
             module = importlib.import_module(f"cleanmail.web.{name}")
         except ModuleNotFoundError as exc:

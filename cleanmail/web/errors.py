@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, render_template
+from flask import Flask, render_template, request
 from flask_babel import gettext as _
 from flask_wtf.csrf import CSRFError
 from markupsafe import escape
@@ -43,10 +43,18 @@ def init_app(app: Flask) -> None:
         return render_error(400, _("The form had expired. Please go back and try again."))
 
     @app.errorhandler(HTTPException)
-    def http_error(error: HTTPException) -> tuple[str, int]:
+    def http_error(error: HTTPException):
+        if request.path.startswith("/api/"):
+            from cleanmail.web import api  # the API answers in JSON, even for unknown paths
+
+            return api.http_error(error)
         return render_error(error.code or 500)
 
     @app.errorhandler(Exception)
-    def unexpected(error: Exception) -> tuple[str, int]:
+    def unexpected(error: Exception):
         log.exception("unexpected error: %s", error)
+        if request.path.startswith("/api/"):
+            from cleanmail.web import api
+
+            return api.error_response(500, "internal error")
         return render_error(500)

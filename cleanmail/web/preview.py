@@ -220,7 +220,12 @@ def sender(from_header: str, fallback: str) -> tuple[str, str]:
         name, _lt, address = header[:-1].partition("<")
         if "@" in address and " " not in address.strip():
             return name.strip(), address.strip()
-    name, address = email.utils.parseaddr(header)
+    try:
+        name, address = email.utils.parseaddr(header)
+    except (RecursionError, ValueError, IndexError):
+        # The package's parser recurses once per "(": a From of nested comments
+        # would otherwise break the owner's whole list.
+        name, address = "", ""
     if not address or "@" not in address:
         return (from_header or "").strip(), fallback
     return name.strip(), address

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from cleanmail.config import Config
+from cleanmail.config import Config, ConfigError
 
 
 class WebServer(BaseApplication):
@@ -25,6 +26,9 @@ class WebServer(BaseApplication):
             "threads": 4,
             "accesslog": "-",
             "proc_name": "cleanmail-web",
+            # gunicorn's control socket is one path per user ($HOME/.gunicorn/gunicorn.ctl):
+            # a second instance on the machine would take it over.
+            "control_socket_disable": True,
         }
         for key, value in settings.items():
             self.cfg.set(key, value)
@@ -42,4 +46,20 @@ def run(config: Config) -> None:
 
     db.check_ready(config.database_url)
     config.store_dir.mkdir(parents=True, exist_ok=True)
+    check_listen(config)
     WebServer(config).run()
+
+
+def check_listen(config: Config) -> None:
+    """Stop with one line naming the setting when the web address is taken.
+
+    gunicorn would retry for five seconds with its own log lines, then exit.
+    """
+    listen = config.web_listen
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    try:
+        socket.create_server((listen.host, listen.port), family=family).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"CLEANMAIL_WEB_LISTEN: cannot listen on {listen}: {exc.strerror or exc}"
+        ) from None

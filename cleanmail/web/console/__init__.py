@@ -149,8 +149,8 @@ from cleanmail.web.console import (  # noqa: E402 - the routes register on bp
     lists,
     mailbox_views,
     messages,
-    placeholders,
+    oversight,
     report_views,
 )
 
-__all__ = ["bp", "jobs", "lists", "mailbox_views", "messages", "placeholders", "report_views"]
+__all__ = ["bp", "jobs", "lists", "mailbox_views", "messages", "oversight", "report_views"]

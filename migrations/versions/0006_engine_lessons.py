@@ -1,7 +1,7 @@
 """external engines: learning events on their way to rspamd and spamd
 
-Revision ID: 0008
-Revises: 0006
+Revision ID: 0006
+Revises: 0005
 Create Date: 2026-11-22
 """
 
@@ -11,8 +11,8 @@ import sqlalchemy as sa
 
 import cleanmail.models
 
-revision = "0008"
-down_revision = "0006"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
