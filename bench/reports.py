@@ -16,6 +16,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -42,6 +43,8 @@ TARGET_RATE = 850.0
 REASONS = ["SUBJECT_CAPS", "SUBJECT_SHOUTING", "LINK_SHORTENER", "FROM_ENDS_IN_NUMS", "GTUBE"]
 WORDS = "billig klokke vunnet premie faktura tilbud gratis lån rask levering kampanje".split()
 CHUNK = 20_000
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cleanmail-bench"
+FORMAT = 1  # bump when the generated data changes, so that cached databases are rebuilt
 
 
 COLUMNS = (
@@ -167,6 +170,35 @@ def database(kind: str, tmp: Path) -> Iterator[str]:
         yield server.url("cleanmail")
 
 
+def cached_sqlite(args: argparse.Namespace, tmp: Path) -> tuple[str, int, bool]:
+    """A copy of the built SQLite database for these arguments (built and cached when missing).
+
+    The run changes the database, so it gets a copy; the cached file stays as built.
+    Returns the URL, the message count and whether the cache was used.
+    """
+    key = f"reports-{args.mailboxes}-{args.most}-{args.seed}-{db.head_revision()}-v{FORMAT}"
+    final = CACHE / f"{key}.db"
+    if args.rebuild:
+        final.unlink(missing_ok=True)
+    hit = final.exists()
+    if not hit:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f"{key}.partial-", dir=CACHE))
+        try:
+            count = build(
+                f"sqlite:///{partial / 'cleanmail.db'}", args.mailboxes, args.most, args.seed
+            )
+            connection = sqlite3.connect(partial / "cleanmail.db")
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # one file to copy
+            connection.close()
+            (partial / "cleanmail.db").rename(final)
+            final.with_suffix(".count").write_text(str(count))
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    shutil.copyfile(final, tmp / "cleanmail.db")
+    return f"sqlite:///{tmp / 'cleanmail.db'}", int(final.with_suffix(".count").read_text()), hit
+
+
 def sample_report(url: str, tmp: Path) -> bytes:
     """A report rendered from the bench data, for the reference's message size (read only)."""
     from cleanmail import config as config_module
@@ -236,6 +268,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference", type=int, default=5_000, help="messages for the sink")
     parser.add_argument("--connections", type=int, default=4, help="for the sink reference")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--rebuild", action="store_true", help=f"rebuild the SQLite database cached in {CACHE}"
+    )
     return parser.parse_args(argv)
 
 
@@ -245,12 +280,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     counter = mp.get_context("spawn").Value("q", 0)
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-reports-")))
-        url = stack.enter_context(database(args.database, tmp))
         began = time.perf_counter()
-        messages = build(url, args.mailboxes, args.most, args.seed)
+        if args.database == "sqlite":
+            url, messages, hit = cached_sqlite(args, tmp)
+        else:
+            url, hit = stack.enter_context(database(args.database, tmp)), False
+            messages = build(url, args.mailboxes, args.most, args.seed)
         print(
-            f"built {args.mailboxes:,} mailboxes, {messages:,} messages "
-            f"({args.database}) in {time.perf_counter() - began:.0f} s",
+            f"{'copied cached' if hit else 'built'} {args.mailboxes:,} mailboxes, "
+            f"{messages:,} messages ({args.database}) in {time.perf_counter() - began:.0f} s",
             flush=True,
         )
         port = ingest.free_port()

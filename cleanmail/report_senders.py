@@ -4,6 +4,11 @@ A sender claims a report just before sending it (another sender leaves it alone 
 ``CLAIM``), and marks it sent the moment the relay has said 250. A crash leaves at
 most one claimed, unsent report per thread, sent again once its claim runs out; a
 crash between the 250 and the mark (one small commit) sends that one twice.
+
+When the next report is already queued, the mark of the last one and the claim of
+the next go in the same commit (one commit per report instead of two): the mark is
+no later for it, and a crash before that commit leaves the same state as before,
+the last report claimed and unmarked, the next not claimed.
 """
 
 from __future__ import annotations
@@ -12,11 +17,11 @@ import logging
 import queue
 import threading
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
-from sqlalchemy import or_, text, update
+from sqlalchemy import bindparam, or_, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -31,20 +36,34 @@ CLAIM = timedelta(minutes=10)  # a report being sent is not taken by another sen
 log = logging.getLogger(__name__)
 
 
-def claim(connection: Connection, report_ids: Sequence[int], now: datetime) -> list[int]:
-    """Take the due pending ones of these reports for this sender; others are left out."""
-    table = Report.__table__.c
-    claimed = connection.execute(
-        update(Report.__table__)
-        .where(
-            table.id.in_(report_ids),
-            table.status == ReportStatus.PENDING,
-            or_(table.next_attempt_at.is_(None), table.next_attempt_at <= now),
-        )
-        .values(next_attempt_at=now + CLAIM)
-        .returning(table.id)
+_reports = Report.__table__.c
+# Built once: constructing a statement cost more than running it, twice per report.
+_CLAIM = (
+    update(Report.__table__)
+    .where(
+        _reports.id == bindparam("report"),
+        _reports.status == ReportStatus.PENDING,
+        or_(_reports.next_attempt_at.is_(None), _reports.next_attempt_at <= bindparam("now")),
     )
-    return sorted(claimed.scalars())
+    .values(next_attempt_at=bindparam("until"))
+    .returning(_reports.id)
+)
+_MARK_SENT = (
+    update(Report.__table__)
+    .where(_reports.id == bindparam("report"))
+    .values(
+        status=ReportStatus.SENT,
+        sent_at=bindparam("now"),
+        next_attempt_at=None,
+        message_id_header=bindparam("message_id"),
+    )
+)
+
+
+def claim(connection: Connection, report_id: int, now: datetime) -> bool:
+    """Take the report for this sender if it is pending and due; False if it is not."""
+    params = {"report": report_id, "now": now, "until": now + CLAIM}
+    return connection.execute(_CLAIM, params).first() is not None
 
 
 def record_failure(session: Session, report_id: int, error: RelayError, now: datetime) -> None:
@@ -64,16 +83,16 @@ def mark_sent(connection: Connection, report_id: int, message_id: str, now: date
         # Durable against our own crash once the server has it; a crash of the server
         # itself may lose the last marks, and with them send those reports again.
         connection.execute(text("SET LOCAL synchronous_commit = off"))
-    connection.execute(
-        update(Report.__table__)
-        .where(Report.__table__.c.id == report_id)
-        .values(
-            status=ReportStatus.SENT,
-            sent_at=now,
-            next_attempt_at=None,
-            message_id_header=message_id[:255],
-        )
-    )
+    params = {"report": report_id, "now": now, "message_id": message_id[:255]}
+    connection.execute(_MARK_SENT, params)
+
+
+class Taken(NamedTuple):
+    """A report the relay has taken (said 250 to), to be marked sent."""
+
+    report_id: int
+    to: str
+    message_id: str
 
 
 @dataclass
@@ -151,9 +170,21 @@ class Senders:
     def _run(self) -> None:
         try:
             with self.engine.connect() as connection:
-                while (item := self.work.get()) is not None:
-                    if self.tally.error is None:
-                        self._send(connection, *item)
+                taken: Taken | None = None  # the relay said 250; not marked yet
+                while True:
+                    try:  # with a report to mark, only take the next one if it is there
+                        item = self.work.get(block=taken is None)
+                    except queue.Empty:
+                        self._mark(connection, taken)  # at once: nothing else to do first
+                        taken = None
+                        continue
+                    if item is None or self.tally.error is not None:
+                        self._mark(connection, taken)
+                        taken = None
+                        if item is None:
+                            break
+                        continue
+                    taken = self._send(connection, taken, *item)
         except BaseException as exc:  # handed to the feeding thread by put() and close()
             self.tally.error = exc
             while self.work.get() is not None:  # drain, so that put() never blocks for good
@@ -162,11 +193,26 @@ class Senders:
             self.relay.close()  # this thread's connection
 
     def _send(
-        self, connection: Connection, report_id: int, to: str, message_id: str, raw: bytes
-    ) -> None:
-        with connection.begin():
-            if not claim(connection, [report_id], self.now):
-                return  # another sender has it, or it went out meanwhile
+        self,
+        connection: Connection,
+        taken: Taken | None,
+        report_id: int,
+        to: str,
+        message_id: str,
+        raw: bytes,
+    ) -> Taken | None:
+        """Mark the last report sent and claim this one (one commit), send it; what to mark."""
+        try:
+            with connection.begin():
+                if taken is not None:
+                    mark_sent(connection, taken.report_id, taken.message_id, self.now)
+                claimed = claim(connection, report_id, self.now)
+        except Exception:
+            self._mark(connection, taken)  # the mark alone, so that it is not lost with the claim
+            raise
+        self._sent(taken)
+        if not claimed:
+            return None  # another sender has it, or it went out meanwhile
         try:
             mailer.send(self.relay, raw, to)
         except RelayError as exc:
@@ -183,10 +229,19 @@ class Senders:
                 mailbox=to,
                 error=str(exc),
             )
+            return None
+        return Taken(report_id, to, message_id)
+
+    def _mark(self, connection: Connection, taken: Taken | None) -> None:
+        if taken is not None:
+            with connection.begin():
+                mark_sent(connection, taken.report_id, taken.message_id, self.now)
+            self._sent(taken)
+
+    def _sent(self, taken: Taken | None) -> None:
+        if taken is None:
             return
-        with connection.begin():  # at once: the 250 is in, the mark is not yet
-            mark_sent(connection, report_id, message_id, self.now)
         with self.tally.lock:
             self.tally.sent += 1
-            self.tally.sent_by_domain[stats.address_domain(to)] += 1
-        logs.event(log, "report.sent", report_id=report_id, mailbox=to)
+            self.tally.sent_by_domain[stats.address_domain(taken.to)] += 1
+        logs.event(log, "report.sent", report_id=taken.report_id, mailbox=taken.to)
