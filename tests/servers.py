@@ -851,7 +851,8 @@ class RspamdServer(_ReapedServer):
                 "retransmits = 1; }\n"
             ),
             "classifier-bayes.conf": (
-                'backend = "sqlite3";\nmin_learns = 1;\n'
+                # No autolearn: only the tests' own lessons change the counts they check.
+                'backend = "sqlite3";\nmin_learns = 1;\nautolearn = false;\n'
                 # Learned digests, or rspamd shares /var/lib/rspamd/learn_cache.sqlite.
                 'cache { type = "sqlite3"; path = "${DBDIR}/learn_cache.sqlite"; }\n'
                 'statfile { symbol = "BAYES_HAM"; spam = false; '

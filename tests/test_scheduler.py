@@ -13,7 +13,7 @@ import pytest
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.base import BaseScheduler
 from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from cleanmail import scheduler
 from cleanmail.models import utcnow
@@ -109,9 +109,10 @@ def add_job(url: str, *args, **kwargs) -> None:
     )
     try:
         other.start(paused=True)
-    except OperationalError as exc:
-        # The leader logs "leading" just before it creates the job table: both may try.
-        if "already exists" not in str(exc):
+    except (OperationalError, ProgrammingError, IntegrityError) as exc:
+        # The leader logs "leading" just before it creates the job table: both may try
+        # (SQLite and PostgreSQL say so in their own words).
+        if "already exists" not in str(exc) and "duplicate key" not in str(exc):
             raise
         other.start(paused=True)
     try:
@@ -128,7 +129,7 @@ def wait_for_jobs(url: str, timeout: float = 20) -> None:
         try:
             if stored_jobs(url) >= {"reports", "purge"}:
                 return
-        except OperationalError:  # the table is not there yet
+        except (OperationalError, ProgrammingError):  # the table is not there yet
             pass
         time.sleep(0.05)
     raise AssertionError("the leader stored no jobs")
