@@ -387,3 +387,19 @@ def start_filter(database: db.Database) -> Iterator[Callable[..., FilterThread]]
     yield start
     for thread in started:
         thread.stop()
+
+
+# Playwright's sync API marks the main thread's asyncio loop as running between its
+# calls, so asyncio.run() fails while it is alive: one browser per test module, not
+# for the whole session, so that later test modules are not affected.
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """Debian's Chromium, shared by the tests of one module; fails if it is missing."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.browser import launch
+
+    with sync_playwright() as playwright:
+        chromium = launch(playwright)
+        yield chromium
+        chromium.close()

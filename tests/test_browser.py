@@ -20,7 +20,7 @@ import pyotp
 import pytest
 from argon2 import PasswordHasher
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from cleanmail import audit, mailboxes, passwords
 from cleanmail.config import Config, Endpoint
@@ -32,7 +32,6 @@ from tests.browser import (
     LiveServer,
     Watch,
     hold,
-    launch,
     mail,
     set_language,
     set_password,
@@ -60,18 +59,6 @@ ATTACHMENTS = [
     ("javascript:alert(16).exe", b"MZ not really", "application/octet-stream"),
 ]
 BLOCKED = "The attachment javascript:alert(16).exe has a blocked file type"
-
-
-# Playwright's sync API marks the main thread's asyncio loop as running between its
-# calls, so asyncio.run() fails while it is alive: one browser for this module, not
-# for the whole session, so that later test modules are not affected.
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    """Debian's Chromium, shared by the tests of this module; fails if it is missing."""
-    with sync_playwright() as playwright:
-        chromium = launch(playwright)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 
 import pyotp
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Dialog, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Dialog, Page, expect
 
 from cleanmail import audit, staff
 from cleanmail.config import Config, Endpoint
 from cleanmail.web import create_app
-from tests.browser import DEVICES, LiveServer, Watch, launch
+from tests.browser import DEVICES, LiveServer, Watch
 from tests.servers import free_port
 
 PASSWORD = "Secret123"
@@ -33,15 +33,6 @@ class ConsoleWatch(Watch):
             dialog.dismiss()
             return
         dialog.accept()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    """Debian's Chromium for this module; fails if it is missing."""
-    with sync_playwright() as playwright:
-        chromium = launch(playwright)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture

@@ -19,26 +19,17 @@ from html import unescape
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+from playwright.sync_api import Page, Route, expect
 
 from cleanmail import reports
 from cleanmail.config import Config, Endpoint
 from cleanmail.models import Message, utcnow
 from cleanmail.relay import Relay
 from cleanmail.web import create_app
-from tests.browser import DEVICES, LiveServer, Watch, hold, launch, mail, set_language
+from tests.browser import DEVICES, LiveServer, Watch, hold, mail, set_language
 from tests.servers import MaildirPostfix, free_port
 
 OLA = "ola@example.no"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    """Debian's Chromium for this module; fails if it is missing."""
-    with sync_playwright() as playwright:
-        chromium = launch(playwright)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture

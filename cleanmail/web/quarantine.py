@@ -181,7 +181,7 @@ def index() -> str:
     )
 
 
-def _parsed(message: Message) -> mime.ParsedMessage | None:
+def parsed_content(message: Message) -> mime.ParsedMessage | None:
     """The parsed stored message, or None once its content is gone."""
     if message.raw_sha256 is None or message.status in (Status.DELETED, Status.EXPIRED):
         return None
@@ -199,7 +199,7 @@ def message(message_id: int) -> str:
     mailbox = owner_mailbox(session)
     held = owned_message(session, mailbox, message_id)
     tz = mailboxes.time_zone(mailbox.timezone)
-    parsed = _parsed(held)
+    parsed = parsed_content(held)
     html = parsed.html_body if parsed else ""
     text = parsed.text_body if parsed else ""
     show_html = bool(html.strip()) and not (request.args.get("view") == "text" and text.strip())
@@ -238,7 +238,7 @@ def preview_document(message_id: int) -> Response:
     """The cleaned HTML of a message as its own document, for the sandboxed iframe."""
     session = web.session()
     held = owned_message(session, owner_mailbox(session), message_id)
-    parsed = _parsed(held)
+    parsed = parsed_content(held)
     if parsed is None or not parsed.html_body.strip():
         abort(404)
     images = request.args.get("images") == "1"

@@ -21,6 +21,7 @@ from cleanmail.web.console import (
     visible_message,
 )
 from cleanmail.web.console.forms import SearchForm
+from cleanmail.web.quarantine import parsed_content
 
 MESSAGE = f"/messages/<int(max={MAX_ID}):message_id>"
 PAGE_SIZE = 50
@@ -83,15 +84,6 @@ def status_names() -> dict[str, str]:
     }
 
 
-def _parsed(message: Message) -> mime.ParsedMessage | None:
-    if message.raw_sha256 is None or message.status in (Status.DELETED, Status.EXPIRED):
-        return None
-    try:
-        return mime.parse(quarantine.raw(web.store(), message))
-    except (quarantine.QuarantineError, OSError):
-        return None
-
-
 def _headers(parsed: mime.ParsedMessage) -> list[tuple[str, str]]:
     """Every header of the message, decoded and bounded (hostile mail has thousands)."""
     found = []
@@ -109,7 +101,7 @@ def message(message_id: int) -> str:
     """One message as its owner sees it, plus every header, the scores and the raw file."""
     held = visible_message(message_id)
     tz = time_zone()
-    parsed = _parsed(held)
+    parsed = parsed_content(held)
     html = parsed.html_body if parsed else ""
     text = parsed.text_body if parsed else ""
     show_html = bool(html.strip()) and not (request.args.get("view") == "text" and text.strip())
@@ -144,7 +136,7 @@ def message(message_id: int) -> str:
 @bp.get(f"{MESSAGE}/preview")
 def preview_document(message_id: int) -> Response:
     """The cleaned HTML as its own document, for the sandboxed iframe (no remote images)."""
-    parsed = _parsed(visible_message(message_id))
+    parsed = parsed_content(visible_message(message_id))
     if parsed is None or not parsed.html_body.strip():
         abort(404)
     response = make_response(preview.document(parsed.html_body, images=False))
