@@ -190,7 +190,17 @@ def test_serve_migrates_the_embedded_database_and_runs_every_daemon(tmp_path):
     try:
         health = json.loads(wait_for_http(f"http://127.0.0.1:{web_port}/healthz"))
         assert health == {"ok": True, "problems": []}
-        with smtplib.SMTP("127.0.0.1", filter_port, timeout=10) as client:
+        # The web app may answer before the filter's socket is bound: wait for it too.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client = smtplib.SMTP("127.0.0.1", filter_port, timeout=10)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        with client:
             assert client.noop()[0] == 250
     finally:
         serve.send_signal(signal.SIGTERM)
