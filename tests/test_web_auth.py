@@ -179,6 +179,19 @@ def test_refused_link_mail_is_logged_same_answer(client, owner, smtp_sink, caplo
     assert "mailing a login link to ola@example.no failed" in caplog.text
 
 
+def test_link_mail_is_tried_again_while_the_relay_is_down(client, owner, smtp_sink, monkeypatch):
+    monkeypatch.setattr(auth, "LINK_RETRY_DELAYS", (0.3, 0.3, 0.3))
+    smtp_sink.refuse = "451 4.3.0 try later"
+    response = post(client, "/link", address=owner.address)
+    assert response.status_code == 200 and "on its way" in response.get_data(as_text=True)
+    time.sleep(0.4)  # the first try, and maybe the second, are refused
+    assert smtp_sink.messages == []
+    smtp_sink.refuse = None
+    (message,) = smtp_sink.wait_for(1)
+    assert message.rcpt_tos == ["ola@example.no"]
+    assert client.get(mailed_link(message)).status_code == 303 and logged_in(client)
+
+
 def test_link_requests_are_rate_limited(client, owner, monkeypatch):
     for _ in range(3):
         assert post(client, "/link", address="nobody@example.no").status_code == 200

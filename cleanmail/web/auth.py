@@ -44,6 +44,7 @@ bp = Blueprint("auth", __name__)
 
 FAILURE_DELAY = 0.75  # seconds each failed attempt waits, to slow guessing; tests set 0
 TOTP_PENDING_SECONDS = 300  # between a right password and the code
+LINK_RETRY_DELAYS = (10.0, 60.0, 300.0)  # seconds before each new try of a refused link mail
 
 
 @dataclass(frozen=True)
@@ -218,19 +219,29 @@ def _send_link_later(mailbox: Mailbox) -> None:
     """Send in a thread, so the answer comes as fast for a known address as an unknown one."""
     config = web.config()
     args = (config, web.relay(), mailbox.address, mailbox.language, login_url(mailbox, config))
-    threading.Thread(target=send_login_link, args=args, name="login-link").start()
+    # A daemon: a worker that stops gives up the retries (the owner can ask again).
+    threading.Thread(target=send_login_link, args=args, name="login-link", daemon=True).start()
 
 
 def send_login_link(config: Config, relay: Relay, address: str, language: str, url: str) -> None:
-    """Mail a login link to a mailbox; failures are logged, never raised."""
+    """Mail a login link, trying again after a temporary refusal; failures are logged."""
     try:
         rendered = mailer.render(
             "login_link", language, url=url, address=address, days=LOGIN_LINK_DAYS, lang=language
         )
         raw = mailer.build(rendered, sender=config.mail_from, to=address, domain=config.hostname)
-        mailer.send(relay, raw, address)
+        for delay in (*LINK_RETRY_DELAYS, None):
+            try:
+                mailer.send(relay, raw, address)
+                break
+            except RelayError as exc:  # expected when the mail server is down: one line each
+                if not exc.temporary or delay is None:
+                    raise
+                log.warning("login link to %s: %s; trying again in %gs", address, exc, delay)
+                relay.close()
+                time.sleep(delay)
         log.info("login link mailed to %s", address)
-    except RelayError as exc:  # expected when the mail server is down: one line is enough
+    except RelayError as exc:
         log.error("mailing a login link to %s failed: %s", address, exc)
     except Exception:
         log.exception("mailing a login link to %s failed", address)
