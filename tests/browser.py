@@ -6,10 +6,12 @@ puts it there). A missing Chromium makes the tests fail, never skip.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from email.message import EmailMessage
@@ -20,10 +22,12 @@ from flask import Flask
 from playwright.sync_api import Browser, ConsoleMessage, Dialog, Page, Playwright
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from cleanmail.config import Endpoint
+from cleanmail.config import Config, Endpoint
 from cleanmail.db import Database
 from cleanmail.store import Store
+from cleanmail.web import create_app
 from tests.conftest import hold_message
+from tests.servers import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -83,6 +87,27 @@ class LiveServer:
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
+
+
+def on_free_port(config: Config, **changes: Any) -> Config:
+    """The configuration with the web app on a free loopback port and its base URL there."""
+    port = free_port()
+    listen = Endpoint("127.0.0.1", port)
+    return dataclasses.replace(
+        config, base_url=f"http://127.0.0.1:{port}", web_listen=listen, **changes
+    )
+
+
+@contextlib.contextmanager
+def served(config: Config) -> Iterator[LiveServer]:
+    """The web app for ``config`` served in a thread on its loopback port, for a test."""
+    app = create_app(config)
+    live = LiveServer(app, config.web_listen).start()
+    try:
+        yield live
+    finally:
+        live.stop()
+        app.extensions["cleanmail.db"].dispose()
 
 
 @dataclass

@@ -6,7 +6,6 @@ console errors) or an uncaught script error fails the test.
 
 from __future__ import annotations
 
-import dataclasses
 import email
 import email.policy
 import re
@@ -23,9 +22,9 @@ from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from cleanmail import audit, mailboxes, passwords
-from cleanmail.config import Config, Endpoint
+from cleanmail.config import Config
 from cleanmail.tokens import LOGIN_LINK_DAYS
-from cleanmail.web import auth, create_app
+from cleanmail.web import auth
 from cleanmail.web.auth import login_url
 from tests.browser import (
     DEVICES,
@@ -33,10 +32,11 @@ from tests.browser import (
     Watch,
     hold,
     mail,
+    on_free_port,
+    served,
     set_language,
     set_password,
 )
-from tests.servers import free_port
 
 PASSWORD = "Sommer2026"
 MET = re.compile(r"\bmet\b")
@@ -63,21 +63,15 @@ BLOCKED = "The attachment javascript:alert(16).exe has a blocked file type"
 
 @pytest.fixture
 def config(config: Config) -> Config:
-    """The test's configuration, with the base URL of the server the browser talks to."""
-    port = free_port()
-    return dataclasses.replace(
-        config, base_url=f"http://127.0.0.1:{port}", web_listen=Endpoint("127.0.0.1", port)
-    )
+    """The test's configuration, with the web app on a free loopback port."""
+    return on_free_port(config)
 
 
 @pytest.fixture
 def server(config: Config, database) -> Iterator[LiveServer]:
     """The web app served by werkzeug in a thread, on the configured loopback port."""
-    app = create_app(config)
-    live = LiveServer(app, config.web_listen).start()
-    yield live
-    live.stop()
-    app.extensions["cleanmail.db"].dispose()
+    with served(config) as live:
+        yield live
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ uncaught script error fails the test. Confirmation dialogs are accepted and reco
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 
 import pyotp
@@ -14,10 +13,8 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Dialog, Page, expect
 
 from cleanmail import audit, staff
-from cleanmail.config import Config, Endpoint
-from cleanmail.web import create_app
-from tests.browser import DEVICES, LiveServer, Watch
-from tests.servers import free_port
+from cleanmail.config import Config
+from tests.browser import DEVICES, LiveServer, Watch, on_free_port, served
 
 PASSWORD = "Secret123"
 SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
@@ -37,21 +34,15 @@ class ConsoleWatch(Watch):
 
 @pytest.fixture
 def config(config: Config) -> Config:
-    """The test's configuration, with the base URL of the server the browser talks to."""
-    port = free_port()
-    return dataclasses.replace(
-        config, base_url=f"http://127.0.0.1:{port}", web_listen=Endpoint("127.0.0.1", port)
-    )
+    """The test's configuration, with the web app on a free loopback port."""
+    return on_free_port(config)
 
 
 @pytest.fixture
 def server(config: Config, database) -> Iterator[LiveServer]:
     """The web app on a loopback port."""
-    app = create_app(config)
-    live = LiveServer(app, config.web_listen).start()
-    yield live
-    live.stop()
-    app.extensions["cleanmail.db"].dispose()
+    with served(config) as live:
+        yield live
 
 
 @pytest.fixture

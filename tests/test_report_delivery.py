@@ -7,7 +7,6 @@ valid MIME, the right messages in the owner's language, links that work in a bro
 
 from __future__ import annotations
 
-import dataclasses
 import email
 import email.policy
 import re
@@ -25,9 +24,8 @@ from cleanmail import reports
 from cleanmail.config import Config, Endpoint
 from cleanmail.models import Message, utcnow
 from cleanmail.relay import Relay
-from cleanmail.web import create_app
-from tests.browser import DEVICES, LiveServer, Watch, hold, mail, set_language
-from tests.servers import MaildirPostfix, free_port
+from tests.browser import DEVICES, LiveServer, Watch, hold, mail, on_free_port, served, set_language
+from tests.servers import MaildirPostfix
 
 OLA = "ola@example.no"
 
@@ -42,23 +40,14 @@ def postfix_maildir(smtp_sink) -> Iterator[MaildirPostfix]:
 @pytest.fixture
 def config(config: Config, postfix_maildir: MaildirPostfix) -> Config:
     """Reports and releases go to Postfix's after-filter smtpd; the web app on a real port."""
-    port = free_port()
-    return dataclasses.replace(
-        config,
-        relay=Endpoint("127.0.0.1", postfix_maildir.reinject_port),
-        base_url=f"http://127.0.0.1:{port}",
-        web_listen=Endpoint("127.0.0.1", port),
-    )
+    return on_free_port(config, relay=Endpoint("127.0.0.1", postfix_maildir.reinject_port))
 
 
 @pytest.fixture
 def server(config: Config, database) -> Iterator[LiveServer]:
     """The web app served in a thread on the configured loopback port."""
-    app = create_app(config)
-    live = LiveServer(app, config.web_listen).start()
-    yield live
-    live.stop()
-    app.extensions["cleanmail.db"].dispose()
+    with served(config) as live:
+        yield live
 
 
 @pytest.fixture
