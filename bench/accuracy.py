@@ -1,88 +1,55 @@
-"""Accuracy and speed of the learning classifier, k-fold over the shared corpus.
+"""Accuracy and speed of the learning classifier, k-fold over the EVALUATION set.
 
-Each message's fold is a hash of its file name; every fold is scored by a model
-trained only on the other folds, from nothing, exactly as ``cleanmail engine train``
-trains (one pass). Nothing is tuned here: the model's constants are fixed in
-cleanmail/filter/classifier.py and learned.py. The verdict is the filter's: rules plus
-classifier against the default quarantine threshold. Then classification throughput
-on one core, beside parsing alone in the same run (the machine is shared and noisy).
+The shared corpus is split once by a salted hash of the file name (bench/corpus.py):
+20 % is the DEV set, on which bench/tune.py chose every corpus-derived constant (the
+classifier's step size, its points per log-odds and floor, the rules' scores); the
+rest is the EVALUATION set, and only its messages are scored here. The EVALUATION set
+is cut into folds by another hash of the file name; every fold is scored by a model
+trained from nothing on the other EVALUATION folds plus all of DEV (DEV trains, it is
+never scored), in one pass, exactly as ``cleanmail engine train`` trains. The verdict
+is the filter's: rules plus classifier against the default quarantine threshold. Then
+classification throughput on one core, beside parsing and the rules engine in the same
+run (the machine is shared and noisy).
 
-    .venv/bin/python bench/accuracy.py [--folds 5] [--speed-messages 2000] [--json]
+    .venv/bin/python bench/accuracy.py [--folds 5] [--no-dev-training] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(Path(__file__).resolve().parent)]
+
+import corpus  # noqa: E402  (bench/corpus.py: the DEV/EVALUATION split)
 
 from cleanmail import mime  # noqa: E402
 from cleanmail.config import Config  # noqa: E402
-from cleanmail.filter import classifier, engines, learned, rules, tokenizer  # noqa: E402
+from cleanmail.filter import classifier, engines, learned, rules  # noqa: E402
 
-CORPUS = Path(os.environ.get("CLEANMAIL_CORPUS", "") or ROOT.parent / "shared" / "corpus")
 THRESHOLD = Config.quarantine_threshold  # the default a domain gets
 TARGET_RECALL = 0.95
 TARGET_FP = 0.005
 TARGET_RATE = 2000.0
 
 
-@dataclass
-class Sample:
-    """One corpus message with what the folds need."""
-
-    name: str
-    spam: bool
-    raw: bytes
-    tokens: list[str]
-    rules: float
-    fold: int
-
-
-def fold_of(name: str, folds: int) -> int:
-    """A message's fold: from a hash of its file name, never from its content or results."""
-    return int(hashlib.sha256(f"fold:{name}".encode()).hexdigest(), 16) % folds
-
-
-def load(folds: int) -> list[Sample]:
-    """Every corpus message, parsed once, with its tokens and rules score."""
-    if not (CORPUS / "ham").is_dir() or not (CORPUS / "spam").is_dir():
-        sys.exit(f"no corpus at {CORPUS} (set CLEANMAIL_CORPUS)")
-    engine = rules.RulesEngine()
-    envelope = engines.Envelope("", ())
-    samples = []
-    for label in ("ham", "spam"):
-        for path in sorted((CORPUS / label).iterdir()):
-            raw = path.read_bytes()
-            parsed = mime.parse(raw)
-            score = engine.check(parsed, envelope).score
-            tokens = tokenizer.tokenize(parsed)
-            samples.append(
-                Sample(path.name, label == "spam", raw, tokens, score, fold_of(path.name, folds))
-            )
-    return samples
-
-
-def cross_validate(samples: list[Sample], folds: int) -> dict[str, dict[str, int]]:
-    """Confusion counts for the filter's verdict and for the classifier alone."""
+def cross_validate(
+    samples: list[corpus.Sample], folds: int, dev_training: bool
+) -> dict[str, dict[str, int]]:
+    """Confusion counts on EVALUATION messages: the filter's verdict, classifier, rules."""
     counts = {
         kind: {"ham_pass": 0, "ham_held": 0, "spam_pass": 0, "spam_held": 0}
         for kind in ("filter", "classifier", "rules")
     }
+    evaluation = [s for s in samples if not s.dev]
+    dev = [s for s in samples if s.dev] if dev_training else []
     for fold in range(folds):
-        model = classifier.Model.empty()
-        model.train(
-            [(classifier.indices(s.tokens), s.spam) for s in samples if s.fold != fold], epochs=1
-        )
-        for sample in (s for s in samples if s.fold == fold):
+        model = corpus.train([*(s for s in evaluation if s.fold(folds) != fold), *dev])
+        for sample in (s for s in evaluation if s.fold(folds) == fold):
             own = learned.score(model, sample.tokens).score
             label = "spam" if sample.spam else "ham"
             for kind, total in (
@@ -94,17 +61,9 @@ def cross_validate(samples: list[Sample], folds: int) -> dict[str, dict[str, int
     return counts
 
 
-def rates(counts: dict[str, int]) -> tuple[float, float]:
-    """Spam recall and ham false-positive rate."""
-    spam = counts["spam_held"] + counts["spam_pass"]
-    ham = counts["ham_held"] + counts["ham_pass"]
-    return counts["spam_held"] / spam, counts["ham_held"] / ham
-
-
-def speed(samples: list[Sample], count: int) -> dict[str, float]:
+def speed(samples: list[corpus.Sample], count: int) -> dict[str, float]:
     """Messages a second on this one core: parsing alone, and classifying parsed mail."""
-    model = classifier.Model.empty()
-    model.train([(classifier.indices(s.tokens), s.spam) for s in samples], epochs=1)
+    model = corpus.train(samples)
     raws = [samples[i % len(samples)].raw for i in range(count)]
     start = time.process_time()
     parsed = [mime.parse(raw) for raw in raws]
@@ -143,27 +102,47 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--speed-messages", type=int, default=2000)
+    parser.add_argument(
+        "--no-dev-training", action="store_true", help="train on EVALUATION folds only"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})  # one core
-    samples = load(args.folds)
-    counts = cross_validate(samples, args.folds)
+    samples = corpus.load("all")
+    counts = cross_validate(samples, args.folds, not args.no_dev_training)
     figures = speed(samples, args.speed_messages)
-    result: dict[str, object] = {"corpus": str(CORPUS), "folds": args.folds, **figures}
+    evaluation = [s for s in samples if not s.dev]
+    ham = sum(not s.spam for s in evaluation)
+    result: dict[str, object] = {
+        "corpus": str(corpus.CORPUS),
+        "folds": args.folds,
+        "scored": "evaluation set only",
+        "evaluation": {"ham": ham, "spam": len(evaluation) - ham},
+        "dev_training": not args.no_dev_training,
+        **figures,
+    }
     for kind, table in counts.items():
-        recall, fp = rates(table)
+        recall, fp = corpus.rates(table)
         result[kind] = {"spam_recall": recall, "ham_fp_rate": fp, **table}
-    recall, fp = rates(counts["filter"])
+    recall, fp = corpus.rates(counts["filter"])
     result["spam_recall"], result["ham_fp_rate"] = recall, fp
     ok = recall >= TARGET_RECALL and fp <= TARGET_FP
     ok = ok and figures["classify_per_second"] >= TARGET_RATE
     if args.json:
         print(json.dumps(result, indent=2))
         return 0 if ok else 1
-    ham = sum(not s.spam for s in samples)
-    print(f"corpus {CORPUS}: {ham} ham, {len(samples) - ham} spam, {args.folds}-fold")
-    print(f"threshold {THRESHOLD:g}; each fold scored by a model trained on the others\n")
+    dev = len(samples) - len(evaluation)
+    print(f"corpus {corpus.CORPUS}: {len(samples)} messages")
+    print(
+        f"scored: the EVALUATION set only, {ham} ham and {len(evaluation) - ham} spam, "
+        f"{args.folds}-fold"
+    )
+    print(
+        "trained: the other EVALUATION folds"
+        + (f" plus the {dev} DEV messages (never scored)" if not args.no_dev_training else "")
+    )
+    print(f"constants chosen on DEV alone (bench/tune.py); threshold {THRESHOLD:g}\n")
     print(f"{'':22}{'spam recall':>12}{'ham FP':>9}{'ham held':>10}{'spam passed':>13}")
     for kind, label in (
         ("filter", "rules + classifier"),
@@ -171,7 +150,7 @@ def main() -> int:
         ("rules", "rules alone"),
     ):
         table = counts[kind]
-        recall, fp = rates(table)
+        recall, fp = corpus.rates(table)
         print(f"{label:22}{recall:>12.2%}{fp:>9.2%}{table['ham_held']:>10}{table['spam_pass']:>13}")
     print(f"target: spam recall >= {TARGET_RECALL:.0%} with ham FP <= {TARGET_FP:.1%}\n")
     print(f"one core, {args.speed_messages} messages:")

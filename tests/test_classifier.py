@@ -60,12 +60,9 @@ def spam(rng: random.Random, n: int) -> bytes:
 def newsletter(n: int) -> bytes:
     """Mail an owner wants though it reads like an offer: a shop's autumn newsletter."""
     return message(
-        subject=f"Exclusive discount offer {n}: clearance bargain on boots",
+        subject=f"Exclusive discount offer {n}: clearance bargain",
         sender=NEWSLETTER,
-        body=(
-            f"Limited deal: discount offer on autumn boots, exclusive bargain number {n}.\n"
-            "Skobutikken sko joggesko vintersko støvletter Bergen Trondheim.\n"
-        ),
+        body=f"Limited deal: discount offer, exclusive bargain number {n}. Guaranteed clearance.\n",
     )
 
 
@@ -236,8 +233,13 @@ def test_releases_teach_every_filter_process(
         first = FilterProcess(config).start()  # a restart loads the newest version at once
         assert send(config.filter_listen.port, newsletter(11)) == 250
         assert len(smtp_sink.wait_for(5)) == 5
-        assert send(config.filter_listen.port, pure_spam(), sender="promo@bulk.example") == 250
-        assert len(held_ids(database)) == 1  # still spam to everyone else
+        # Still spam to everyone else: the lessons were about this sender's wording. (The
+        # synthetic mail shares every header with the newsletter, so the margin shrinks.)
+        with database.session_scope() as session:
+            _version, model = learning.latest_model(session)
+        spam_points = learned.score(model, tokenizer.tokenize(mime.parse(pure_spam()))).score
+        ham_points = learned.score(model, tokenizer.tokenize(mime.parse(newsletter(12)))).score
+        assert spam_points >= 2.0 and ham_points < 0
     finally:
         first.stop()
         second.stop()
