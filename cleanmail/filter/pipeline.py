@@ -26,10 +26,11 @@ from cleanmail import lists, logs, mailboxes, mime, quarantine
 from cleanmail.config import Config
 from cleanmail.db import Database
 from cleanmail.filter import attachments, auth
+from cleanmail.filter.committer import Committer
 from cleanmail.filter.engines import Engine, EngineError, EngineResult, Envelope, Hit
 from cleanmail.models import Domain, ListAction
 from cleanmail.relay import Relay
-from cleanmail.store import Store
+from cleanmail.store import Store, digest
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class Pipeline:
         self.engines = list(engines)
         self.external = list(external)
         self.authenticator = authenticator
+        self.committer = Committer(database)
         self._domains: dict[str, ServedDomain] = {}
         self._shared_rules: list[lists.Rule] = []
         self._domains_loaded = 0.0
@@ -301,8 +303,12 @@ class Pipeline:
                 envelope.sender, envelope.client_address, envelope.client_helo
             )
             holds = [quarantine.Hold(d.mailbox_id, d.score, d.reasons) for d in held]
-            with self.database.session_scope(write=True) as session:
-                ids = quarantine.hold(
+            sha = digest(raw)
+            # Written and fsynced before the transaction, in this thread, so that no
+            # write lock is held while the disk works; hold() only checks it is there.
+            self.store.ensure(sha, raw)
+            ids = self.committer.run(
+                lambda session: quarantine.hold(
                     session,
                     self.store,
                     raw,
@@ -310,7 +316,10 @@ class Pipeline:
                     origin,
                     holds,
                     retention_days=self.config.retention_days,
-                )
+                    sha256=sha,
+                ),
+                key=sha,
+            )
             logs.event(
                 log,
                 "message.quarantine",
