@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from cleanmail import lists, logs, mailboxes, mime, quarantine
 from cleanmail.config import Config
@@ -176,8 +177,7 @@ class Pipeline:
             return decisions
         domain_ids = {name: served[name].id for name in served}
         addresses = set(ours.values())
-        with self.database.engine.connect() as connection:
-            ids, own = lists.mailbox_rules(connection, addresses)
+        ids, own = self._mailbox_rules(addresses)
         if len(ids) < len(addresses):
             with self.database.session_scope(write=True) as session:
                 mailboxes.ensure_mailboxes(session, addresses, domain_ids)
@@ -204,6 +204,21 @@ class Pipeline:
         if undecided and self.external:
             self._consult(analysis, undecided)
         return decisions
+
+    def _mailbox_rules(self, addresses: set[str]) -> tuple[dict[str, int], list[lists.Rule]]:
+        """Read the recipients' mailboxes and own list entries on a pooled driver connection.
+
+        A driver error is raised as SQLAlchemy's, like every other database failure.
+        """
+        engine = self.database.engine
+        connection = engine.raw_connection()
+        try:
+            return lists.read_mailbox_rules(connection, engine.dialect.paramstyle, addresses)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            connection.invalidate(exc)
+            raise DBAPIError.instance(None, None, exc, engine.dialect.loaded_dbapi.Error) from exc
+        finally:
+            connection.close()
 
     def _consult(self, analysis: Analysis, pending: list[tuple[Decision, ServedDomain]]) -> None:
         """Ask the external engines, in order, about the recipients still undecided.
