@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
 from functools import cached_property
+from typing import Any
 
 from cleanmail import mimewalk
 
@@ -140,6 +141,8 @@ class ParsedMessage:
     headers: Message = field(repr=False)
     parts: list[Part]
     defects: list[str]
+    # What the engines derive from the message alone (rules.View), computed once for all.
+    derived: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def header(self, name: str) -> str:
         """One header, decoded (the first of several), or ``""``."""

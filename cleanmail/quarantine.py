@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,20 +53,19 @@ def hold(
     *,
     retention_days: int,
     now: datetime | None = None,
+    sha256: str | None = None,
 ) -> list[int]:
     """Store a message once and add a row per recipient; a retried message is not doubled.
 
-    The raw file is written under the lock of its ``raw_messages`` row, so that a
-    concurrent delete of the last reference cannot remove it after we checked.
+    The raw file is written (or found) under the lock of its ``raw_messages`` row, so
+    that a concurrent delete of the last reference cannot remove it after we checked.
+    ``sha256``: the message's digest, when the caller has it already.
     """
     now = now or utcnow()
-    sha = digest(raw)
-    # Statements with parameters rather than inline values, so SQLAlchemy compiles them once.
-    upsert = sql.insert(session, RawMessage.__table__)
-    lock = upsert.on_conflict_do_update(
-        index_elements=["sha256"], set_={"size": upsert.excluded.size}
-    )
-    session.execute(lock, {"sha256": sha, "size": len(raw), "created_at": now})
+    sha = sha256 or digest(raw)
+    lock_raw, insert_rows = _hold_statements(session.get_bind().dialect.name)
+    connection = session.connection()
+    connection.execute(lock_raw, {"sha256": sha, "size": len(raw), "created_at": now})
     store.ensure(sha, raw)
     sender_domain = mime.address_domain(parsed.from_address or origin.sender)
     rows = [
@@ -93,12 +93,26 @@ def hold(
     ]
     if not rows:
         return []
-    statement = (
-        sql.insert(session, Message.__table__)
+    return list(connection.scalars(insert_rows, rows))
+
+
+@functools.cache
+def _hold_statements(dialect: str) -> tuple[Any, Any]:
+    """The raw-message upsert and the message insert, built once per backend.
+
+    The filter holds many messages a second: building these anew each time cost more
+    than running them. Parameters rather than inline values, so they compile once.
+    """
+    upsert = sql.insert_for(dialect, RawMessage.__table__)
+    lock_raw = upsert.on_conflict_do_update(
+        index_elements=["sha256"], set_={"size": upsert.excluded.size}
+    )
+    insert_rows = (
+        sql.insert_for(dialect, Message.__table__)
         .on_conflict_do_nothing(index_elements=["mailbox_id", "raw_sha256"])
         .returning(Message.__table__.c.id)
     )
-    return list(session.scalars(statement, rows))
+    return lock_raw, insert_rows
 
 
 def get(session: Session, message_id: int, *, mailbox: Mailbox | None = None) -> Message:

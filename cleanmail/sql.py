@@ -10,7 +10,11 @@ from sqlalchemy.orm import Session
 
 def insert(session: Session, table: Any) -> Any:
     """An INSERT that knows ``on_conflict_do_nothing/update`` on SQLite and PostgreSQL."""
-    dialect = session.get_bind().dialect.name
+    return insert_for(session.get_bind().dialect.name, table)
+
+
+def insert_for(dialect: str, table: Any) -> Any:
+    """The INSERT with upsert clauses for the backend named ``dialect``."""
     if dialect == "postgresql":
         return postgresql.insert(table)
     if dialect == "sqlite":

@@ -54,8 +54,7 @@ class Store:
         final = self.path(sha256)
         temporary = final.with_name(f".{final.name}.{secrets.token_hex(6)}.tmp")
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            with open(temporary, "wb") as handle:
+            with _create(temporary) as handle:
                 with gzip.GzipFile(fileobj=handle, mode="wb", compresslevel=5, mtime=0) as gz:
                     view = memoryview(raw)
                     for start in range(0, len(view), CHUNK):
@@ -104,6 +103,18 @@ class Store:
         """Every message key present in the store (for sweeps of unreferenced files)."""
         for path in self.root.glob("??/??/*.eml.gz"):
             yield path.name.removesuffix(".eml.gz")
+
+
+def _create(path: Path) -> BinaryIO:
+    """Open a new file for writing, making its folders only when they are missing.
+
+    Most messages land in a folder that exists: trying first saves two mkdir calls each.
+    """
+    try:
+        return open(path, "wb")
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "wb")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -288,3 +288,18 @@ def test_reject_threshold_refuses_only_when_every_recipient_rejects(
     assert send(filter_server.port, spam, rcpts=("ola@example.no", "x@elsewhere.test"))[0] == 250
     assert [m.mailbox.address for m in held(served)] == ["ola@example.no"]
     assert smtp_sink.wait_for(1)[0].rcpt_tos == ["x@elsewhere.test"]
+
+
+def test_concurrent_sessions_are_each_stored_once(served, filter_server, smtp_sink, store):
+    """Many clients at once: the held ones share commits, and every one is stored once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    raws = [message(subject=f"offer {n}", body=f"{GTUBE}\n") for n in range(24)]
+    raws += [message(subject=f"lunch {n}") for n in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda raw: send(filter_server.port, raw), raws))
+    assert [code for code, _text in replies] == [250] * len(raws)
+    rows = held(served)
+    assert sorted(r.raw_sha256 for r in rows) == sorted(digest(raw) for raw in raws[:24])
+    assert all(store.read(r.raw_sha256) == raws[int(r.subject.split()[1])] for r in rows)
+    assert len(smtp_sink.wait_for(8)) == 8

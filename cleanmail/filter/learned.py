@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 
+import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -70,13 +71,21 @@ def points(logit: float) -> float:
     return max(MIN_POINTS, min(MAX_POINTS, POINTS_PER_LOGIT * logit))
 
 
-def explain(model: classifier.Model, tokens: list[str], score: float) -> tuple[engines.Hit, ...]:
-    """Hits that name the kinds of clue that weighed most, sharing the score between them."""
+def explain(
+    model: classifier.Model,
+    tokens: list[str],
+    score: float,
+    features: np.ndarray | None = None,
+) -> tuple[engines.Hit, ...]:
+    """Hits that name the kinds of clue that weighed most, sharing the score between them.
+
+    ``features``: the tokens' feature indices, when the caller has them already.
+    """
     if abs(score) < QUIET:
         return ()
     if score < 0:
         return (engines.Hit(HAM_HIT[0], score, HAM_HIT[1]),)
-    weights = model.weights[classifier.hashes(tokens)]
+    weights = model.weights[classifier.hashes(tokens) if features is None else features]
     shares: dict[str, float] = {}
     words: list[tuple[float, str]] = []
     for token, weight in zip(tokens, weights.tolist(), strict=False):
@@ -166,5 +175,6 @@ class LearnedEngine:
 
 def score(model: classifier.Model, tokens: list[str]) -> engines.EngineResult:
     """A model's verdict on some tokens, as an engine result."""
-    value = points(model.logit(classifier.indices(tokens)))
-    return engines.EngineResult.from_hits(explain(model, tokens, value))
+    features = classifier.indices(tokens)
+    value = points(model.logit(features))
+    return engines.EngineResult.from_hits(explain(model, tokens, value, features))

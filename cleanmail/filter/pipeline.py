@@ -21,15 +21,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from cleanmail import lists, logs, mailboxes, mime, quarantine
 from cleanmail.config import Config
 from cleanmail.db import Database
 from cleanmail.filter import attachments, auth
+from cleanmail.filter.committer import Committer
 from cleanmail.filter.engines import Engine, EngineError, EngineResult, Envelope, Hit
 from cleanmail.models import Domain, ListAction
 from cleanmail.relay import Relay
-from cleanmail.store import Store
+from cleanmail.store import Store, digest
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,7 @@ class Pipeline:
         self.engines = list(engines)
         self.external = list(external)
         self.authenticator = authenticator
+        self.committer = Committer(database)
         self._domains: dict[str, ServedDomain] = {}
         self._shared_rules: list[lists.Rule] = []
         self._domains_loaded = 0.0
@@ -174,8 +177,7 @@ class Pipeline:
             return decisions
         domain_ids = {name: served[name].id for name in served}
         addresses = set(ours.values())
-        with self.database.engine.connect() as connection:
-            ids, own = lists.mailbox_rules(connection, addresses)
+        ids, own = self._mailbox_rules(addresses)
         if len(ids) < len(addresses):
             with self.database.session_scope(write=True) as session:
                 mailboxes.ensure_mailboxes(session, addresses, domain_ids)
@@ -202,6 +204,21 @@ class Pipeline:
         if undecided and self.external:
             self._consult(analysis, undecided)
         return decisions
+
+    def _mailbox_rules(self, addresses: set[str]) -> tuple[dict[str, int], list[lists.Rule]]:
+        """Read the recipients' mailboxes and own list entries on a pooled driver connection.
+
+        A driver error is raised as SQLAlchemy's, like every other database failure.
+        """
+        engine = self.database.engine
+        connection = engine.raw_connection()
+        try:
+            return lists.read_mailbox_rules(connection, engine.dialect.paramstyle, addresses)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            connection.invalidate(exc)
+            raise DBAPIError.instance(None, None, exc, engine.dialect.loaded_dbapi.Error) from exc
+        finally:
+            connection.close()
 
     def _consult(self, analysis: Analysis, pending: list[tuple[Decision, ServedDomain]]) -> None:
         """Ask the external engines, in order, about the recipients still undecided.
@@ -301,8 +318,12 @@ class Pipeline:
                 envelope.sender, envelope.client_address, envelope.client_helo
             )
             holds = [quarantine.Hold(d.mailbox_id, d.score, d.reasons) for d in held]
-            with self.database.session_scope(write=True) as session:
-                ids = quarantine.hold(
+            sha = digest(raw)
+            # Written and fsynced before the transaction, in this thread, so that no
+            # write lock is held while the disk works; hold() only checks it is there.
+            self.store.ensure(sha, raw)
+            ids = self.committer.run(
+                lambda session: quarantine.hold(
                     session,
                     self.store,
                     raw,
@@ -310,7 +331,10 @@ class Pipeline:
                     origin,
                     holds,
                     retention_days=self.config.retention_days,
-                )
+                    sha256=sha,
+                ),
+                key=sha,
+            )
             logs.event(
                 log,
                 "message.quarantine",

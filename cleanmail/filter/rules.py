@@ -14,11 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
+from typing import TypeVar
 
 from cleanmail import mime
 from cleanmail.filter import auth, engines, wording
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TEXT_LIMIT = 100_000
 MAX_LINKS = 200
@@ -68,6 +70,25 @@ _UPPER = bytes(range(65, 91)) + bytes(b for b in range(0xC0, 0xDF) if b != 0xD7)
 _LOWER = bytes(range(97, 123)) + bytes(b for b in range(0xDF, 0x100) if b != 0xF7)
 
 
+def _of_message(compute: Callable[[View], T]) -> cached_property[T]:
+    """A view that depends on the message alone: shared by every View of that message.
+
+    The classifier's tokenizer builds its own View of the message the rules saw.
+    """
+    name = compute.__name__
+
+    def get(view: View) -> T:
+        cache = view.message.derived
+        try:
+            return cache[name]
+        except KeyError:
+            value = cache[name] = compute(view)
+            return value
+
+    get.__name__, get.__doc__ = name, compute.__doc__
+    return cached_property(get)
+
+
 @dataclass
 class View:
     """Bounded, lazily computed views of one message that the rules share."""
@@ -91,34 +112,34 @@ class View:
             return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
         return None
 
-    @cached_property
+    @_of_message
     def text(self) -> str:
         return self.message.text_body[:TEXT_LIMIT]
 
-    @cached_property
+    @_of_message
     def html(self) -> str:
         return self.message.html_body[:TEXT_LIMIT]
 
-    @cached_property
+    @_of_message
     def html_lower(self) -> str:
         return self.html.lower()
 
-    @cached_property
+    @_of_message
     def html_visible(self) -> str:
         """The HTML's readable text: no tags, scripts, styles or comments."""
         return " ".join(_unescape(_TAG.sub(" ", _drop_invisible(self.html))).split())
 
-    @cached_property
+    @_of_message
     def body(self) -> str:
         """The readable body: the plain text, or the visible HTML text when there is none."""
         return self.text if self.text.strip() else self.html_visible
 
-    @cached_property
+    @_of_message
     def words(self) -> str:
         """Subject and body as lower-case words joined by single spaces, padded."""
         return " " + " ".join(_WORD.findall(f"{self.message.subject}\n{self.body}".lower())) + " "
 
-    @cached_property
+    @_of_message
     def phrases(self) -> dict[str, set[str]]:
         """The typical spam phrases found in the subject and body, by family."""
         found: dict[str, set[str]] = {}
@@ -126,7 +147,7 @@ class View:
             found.setdefault(wording.FAMILY[phrase], set()).add(phrase)
         return found
 
-    @cached_property
+    @_of_message
     def links(self) -> list[tuple[str, str]]:
         """(href, visible anchor text) pairs from the HTML, then bare URLs from the text."""
         found: list[tuple[str, str]] = []
@@ -145,7 +166,7 @@ class View:
                 break
         return found
 
-    @cached_property
+    @_of_message
     def hosts(self) -> list[str]:
         return [host for href, _ in self.links if (host := url_host(href))]
 

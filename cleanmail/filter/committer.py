@@ -1,0 +1,115 @@
+"""Group commit: the quarantine writes of messages checked at the same time share a commit.
+
+Every commit waits for the disk (SQLite fsyncs its log; PostgreSQL flushes its WAL), and
+on SQLite writers also take turns on one lock. So the first thread that has something to
+store runs one transaction for every thread waiting by then, each thread's work in its own
+savepoint, and hands the next batch to a thread that arrived meanwhile. Each thread gets
+its own result only once the shared commit succeeded, so the filter still answers 250 only
+for mail that is stored. A failed commit fails every message of the batch (each answers
+451); a failure in one message's statements rolls back that message alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy.orm import Session
+
+from cleanmail.db import Database
+
+T = TypeVar("T")
+MOST = 64  # messages in one transaction: bounds how long one commit holds the write lock
+
+
+class _Work(Generic[T]):
+    """One thread's part of a batch, and how it ended."""
+
+    __slots__ = ("done", "error", "key", "lead", "result", "run")
+
+    def __init__(self, run: Callable[[Session], T], key: str) -> None:
+        self.run = run
+        self.key = key
+        self.done = threading.Event()
+        self.lead = False  # woken to run the next batch rather than with an outcome
+        self.result: T | None = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> T:
+        if self.error is not None:
+            raise self.error
+        return self.result  # type: ignore[return-value]
+
+
+class Committer:
+    """Runs write work from many threads in shared transactions, one commit per batch."""
+
+    def __init__(self, database: Database, *, most: int = MOST) -> None:
+        self.database = database
+        self.most = most
+        self._lock = threading.Lock()
+        self._waiting: list[_Work[Any]] = []
+        self._busy = False
+        self.batches = 0  # transactions committed or tried, for tests and statistics
+
+    @property
+    def queued(self) -> int:
+        """How many threads' work waits for a transaction (not counting one running)."""
+        with self._lock:
+            return len(self._waiting)
+
+    def run(self, work: Callable[[Session], T], *, key: str = "") -> T:
+        """Run ``work(session)`` in a write transaction; its result once that has committed.
+
+        Batches run their work in ``key`` order, so that two filter processes lock the
+        same rows in the same order (no deadlock on PostgreSQL).
+        """
+        item: _Work[T] = _Work(work, key)
+        with self._lock:
+            self._waiting.append(item)
+            lead = not self._busy
+            self._busy = True
+        if not lead:
+            item.done.wait()
+            if not item.lead:
+                return item.outcome()
+        with self._lock:
+            # This thread's own work is first in line: a leader's list was empty, and a
+            # thread handed the lead is the oldest waiting.
+            batch = self._waiting[: self.most]
+            del self._waiting[: self.most]
+        try:
+            self._commit(batch)
+        finally:
+            with self._lock:
+                if self._waiting:
+                    self._waiting[0].lead = True
+                    self._waiting[0].done.set()
+                else:
+                    self._busy = False
+            for other in batch:
+                other.done.set()
+        return item.outcome()
+
+    def _commit(self, batch: list[_Work[Any]]) -> None:
+        self.batches += 1
+        batch = sorted(batch, key=lambda w: w.key)
+        try:
+            with self.database.session_scope(write=True) as session:
+                if len(batch) == 1:
+                    batch[0].result = batch[0].run(session)
+                    return
+                for item in batch:
+                    try:
+                        with session.begin_nested():
+                            item.result = item.run(session)
+                    except Exception as exc:  # handed to that message's thread
+                        item.error = exc
+                        # A savepoint that failed to roll back leaves nothing to save.
+                        if not session.is_active:
+                            raise
+        except BaseException as exc:
+            for item in batch:
+                if item.error is None:
+                    item.error, item.result = exc, None
