@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -28,11 +29,11 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from cleanmail import audit, db, quarantine, search
-from cleanmail.models import BulkJob, BulkStatus, Mailbox, Message, Status, utcnow
+from cleanmail import audit, db, quarantine, releases, search
+from cleanmail.models import BulkJob, BulkStatus, Message, Status, utcnow
 from cleanmail.relay import Relay
 from cleanmail.staff import Access, access_from_json
-from cleanmail.store import Store, StoreError
+from cleanmail.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -229,44 +230,64 @@ class _Runner:
 
     def _work(self, ids: list[int]) -> None:
         try:
-            prepared = quarantine.Prepared()
-            if self.action == "release":  # the recipients of the batch, in one query
-                with self.database.sessions() as session:
-                    found = session.execute(
-                        select(Message.id, Mailbox.address)
-                        .join(Mailbox, Mailbox.id == Message.mailbox_id)
-                        .where(Message.id.in_(ids))
-                    )
-                    prepared.addresses = {message_id: address for message_id, address in found}
+            if self.action == "release":
+                self._release(ids)
+                return
             with self.database.write_sessions() as session:
                 for message_id in ids:
                     if self.stop.is_set():
                         return
-                    self._one(session, message_id, prepared)
+                    self._one(session, message_id)
         finally:
             self.relay.close()  # this thread's connection
 
-    def _one(self, session: Session, message_id: int, prepared: quarantine.Prepared) -> None:
-        """Handle one message and count it, in one transaction."""
-        try:
-            outcome, error = "skipped", None
-            message = session.get(Message, message_id, with_for_update=True)
-            if message is not None:
+    def _release(self, ids: list[int]) -> None:
+        """Release in chunks, each one transaction (see ``releases``), counted on the job."""
+        prepared = quarantine.Prepared()
+        while ids and not self.stop.is_set():
+            with self.database.write_sessions() as session:
                 try:
-                    outcome = _act(
-                        session, self.store, self.relay, self.action, message, self.actor, prepared
+                    outcomes = releases.release_chunk(
+                        session,
+                        self.store,
+                        self.relay,
+                        ids[: releases.CHUNK],
+                        self.actor,
+                        prepared,
+                        stop=self.stop.is_set,
                     )
-                except quarantine.ReleaseFailed as exc:  # kept on the message, retryable
-                    outcome, error = "failed", str(exc)
-                except StoreError as exc:  # its content is unreadable: counted, not retried
-                    outcome, error = "failed", str(exc)
-                except quarantine.QuarantineError:  # deleted or expired meanwhile
-                    outcome = "skipped"
+                    counts = Counter(o.outcome for o in outcomes)
+                    values: dict[str, Any] = {
+                        name: getattr(BulkJob, name) + n for name, n in counts.items()
+                    }
+                    errors = [o.error for o in outcomes if o.error is not None]
+                    if errors:
+                        values["last_error"] = errors[-1]
+                    counted = session.execute(self._mine().values(heartbeat_at=utcnow(), **values))
+                    session.commit()  # what was sent, even when the job was cancelled meanwhile
+                except BaseException:
+                    session.rollback()
+                    raise
+            releases.log_outcomes(outcomes, self.actor)
+            if self.progress is not None:
+                for outcome in outcomes:
+                    self.progress(outcome.outcome)
+            if counted.rowcount != 1:  # type: ignore[attr-defined]
+                self.stop.set()  # cancelled, or taken over by another runner
+            ids = ids[len(outcomes) :]
+
+    def _one(self, session: Session, message_id: int) -> None:
+        """Delete one message and count it, in one transaction."""
+        try:
+            outcome = "skipped"
+            message = session.get(Message, message_id, with_for_update=True)
+            if message is not None and message.status in (Status.NEW, Status.RELEASED):
+                quarantine.delete(session, self.store, message, self.actor)
+                outcome = "done"
             column = getattr(BulkJob, outcome)
-            values: dict[str, Any] = {outcome: column + 1, "heartbeat_at": utcnow()}
-            if error is not None:
-                values["last_error"] = error[:1000]
-            counted = session.execute(self._mine().values(**values))
+            counted = session.execute(
+                self._mine().values(**{outcome: column + 1}, heartbeat_at=utcnow())
+            )
             session.commit()  # the message's fate, even when the job was cancelled meanwhile
         except BaseException:
             session.rollback()
@@ -289,27 +310,6 @@ class _Runner:
             BulkJob.worker == self.worker,
             BulkJob.status == BulkStatus.RUNNING,
         )
-
-
-def _act(
-    session: Session,
-    store: Store,
-    relay: Relay,
-    action: str,
-    message: Message,
-    actor: audit.Actor,
-    prepared: quarantine.Prepared,
-) -> str:
-    """Release or delete one message that the caller loaded FOR UPDATE."""
-    if action == "release":
-        released = quarantine.release(
-            session, store, relay, message, actor, locked=True, prepared=prepared
-        )
-        return "done" if released else "skipped"
-    if message.status not in (Status.NEW, Status.RELEASED):
-        return "skipped"
-    quarantine.delete(session, store, message, actor)
-    return "done"
 
 
 def _finish(database: db.Database, job_id: int, worker: str) -> None:

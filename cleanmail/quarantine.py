@@ -169,6 +169,18 @@ class Prepared:
         return self._tokens
 
 
+def release_header(message_id: int, sha: str, actor: audit.Actor, now: datetime) -> bytes:
+    """The header lines a released message gets in front of its unchanged content.
+
+    ``X-Cleanmail-Release-ID`` is the same every time one quarantined copy is sent, so
+    that a copy delivered again (a bulk job resumed after a crash) can be recognised.
+    """
+    return (
+        f"X-Cleanmail-Released: by {actor.type} at {now:%Y-%m-%d %H:%M:%S} UTC\r\n"
+        f"X-Cleanmail-Release-ID: <{message_id}.{sha[:16]}@release.cleanmail>\r\n"
+    ).encode()
+
+
 def release(
     session: Session,
     store: Store,
@@ -201,10 +213,10 @@ def release(
         assert mailbox is not None
         address = mailbox.address
     now = utcnow()
-    header = f"X-Cleanmail-Released: by {actor.type} at {now:%Y-%m-%d %H:%M:%S} UTC\r\n"
+    header = release_header(message.id, message.raw_sha256, actor, now)
     message.release_attempts += 1
     try:
-        relay.send(message.envelope_sender, [address], raw, prefix=header.encode())
+        relay.send(message.envelope_sender, [address], raw, prefix=header)
     except RelayError as exc:
         message.release_error = str(exc)[:1000]
         audit.record(

@@ -1,0 +1,205 @@
+"""Releasing many held messages in one transaction: a bulk job's unit of work.
+
+A bulk release used to commit once per message (on SQLite an fsync each). Here a
+chunk of messages is locked, sent one after another over the relay's reused
+connection, and marked released in the same transaction, with its audit rows,
+learning events and counters written as a few multi-row statements.
+
+The price is a crash window of one chunk. A process that dies between the relay's
+250 and the commit loses the chunk's marks; its row locks go with its connection,
+the messages are still ``new``, and the resumed job sends them again. A message
+then reaches its mailbox at least once, and at most once more per crash; both
+copies carry the same ``X-Cleanmail-Release-ID`` header (and the original
+Message-ID), so the second can be recognised. Releases at the same time still
+deliver once: an owner's release waits for the chunk's row locks, then finds the
+message released. ``CHUNK`` and ``SECONDS`` bound both the window and how long the
+locks (on SQLite, the database's write lock) are held.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, bindparam, select, update
+from sqlalchemy.orm import Session
+
+from cleanmail import audit, learning, logs, quarantine, stats
+from cleanmail.models import Label, Mailbox, Message, Status, utcnow
+from cleanmail.relay import Relay, RelayError
+from cleanmail.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 100  # messages per transaction: at most this many are sent again after a crash
+SECONDS = 1.0  # and no chunk holds its locks much longer than this (plus one relay timeout)
+
+_MESSAGES = Message.__table__
+_RELEASED = (
+    update(_MESSAGES)
+    .where(_MESSAGES.c.id == bindparam("b_id"))
+    .values(
+        status=Status.RELEASED,
+        released_at=bindparam("b_at"),
+        release_error=None,
+        release_attempts=_MESSAGES.c.release_attempts + 1,
+    )
+)
+_REFUSED = (
+    update(_MESSAGES)
+    .where(_MESSAGES.c.id == bindparam("b_id"))
+    .values(release_error=bindparam("b_error"), release_attempts=_MESSAGES.c.release_attempts + 1)
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one message of a chunk: "done", "failed" or "skipped"."""
+
+    message_id: int
+    outcome: str
+    mailbox_id: int | None = None
+    error: str | None = None
+    at: datetime | None = None
+    refused: bool = False  # the relay said no: kept on the message, retryable
+
+
+def release_chunk(
+    session: Session,
+    store: Store,
+    relay: Relay,
+    ids: Sequence[int],
+    actor: audit.Actor,
+    prepared: quarantine.Prepared,
+    *,
+    stop: Callable[[], bool] | None = None,
+    seconds: float = SECONDS,
+) -> list[Outcome]:
+    """Release the held messages among ``ids`` in the caller's transaction, in id order.
+
+    Returns an outcome for each id handled. That is a prefix of ``ids``, shorter when
+    ``seconds`` ran out or ``stop()`` said so; the caller commits and goes on with
+    the rest. A message the relay refused keeps its error and stays ``new``.
+    """
+    rows = session.execute(
+        select(
+            Message.id,
+            Message.mailbox_id,
+            Message.status,
+            Message.raw_sha256,
+            Message.envelope_sender,
+            Message.subject,
+            Mailbox.address,
+        )
+        .join(Mailbox, Mailbox.id == Message.mailbox_id)
+        .where(Message.id.in_(list(ids)))
+        .order_by(Message.id)
+        .with_for_update(of=_MESSAGES)
+    )
+    found = {row.id: row for row in rows}
+    deadline = time.monotonic() + seconds
+    outcomes: list[Outcome] = []
+    tokens: dict[str, str] = {}  # the classifier's tokens by content, joined once
+    for message_id in ids:
+        if outcomes and (time.monotonic() > deadline or (stop is not None and stop())):
+            break
+        row = found.get(message_id)
+        if row is None:  # deleted for good meanwhile
+            outcomes.append(Outcome(message_id, "skipped"))
+            continue
+        outcome = _send(store, relay, row, actor, prepared)
+        if outcome.outcome == "done" and row.raw_sha256 not in tokens:
+            raw = prepared.raw(store, row.raw_sha256)
+            tokens[row.raw_sha256] = "\n".join(prepared.tokens(row.raw_sha256, raw))
+        outcomes.append(outcome)
+    _record(session, actor, found, outcomes, tokens)
+    return outcomes
+
+
+def _send(
+    store: Store, relay: Relay, row: Row[Any], actor: audit.Actor, prepared: quarantine.Prepared
+) -> Outcome:
+    """Relay one locked message; its outcome (nothing is written yet)."""
+    if row.status != Status.NEW or row.raw_sha256 is None:
+        return Outcome(row.id, "skipped", row.mailbox_id)  # released, deleted or expired meanwhile
+    try:
+        raw = prepared.raw(store, row.raw_sha256)
+    except StoreError as exc:  # its content is unreadable: counted, not retried
+        return Outcome(row.id, "failed", row.mailbox_id, str(exc)[:1000])
+    at = utcnow()
+    header = quarantine.release_header(row.id, row.raw_sha256, actor, at)
+    try:
+        relay.send(row.envelope_sender, [row.address], raw, prefix=header)
+    except RelayError as exc:
+        return Outcome(row.id, "failed", row.mailbox_id, str(exc)[:1000], at, refused=True)
+    return Outcome(row.id, "done", row.mailbox_id, None, at)
+
+
+def _record(
+    session: Session,
+    actor: audit.Actor,
+    found: dict[int, Row[Any]],
+    outcomes: list[Outcome],
+    tokens: dict[str, str],
+) -> None:
+    """Write a chunk's outcomes: a few multi-row statements, whatever its size."""
+    done = [o for o in outcomes if o.outcome == "done"]
+    refused = [o for o in outcomes if o.refused]
+    if done:
+        session.execute(_RELEASED, [{"b_id": o.message_id, "b_at": o.at} for o in done])
+        counts = Counter(stats.address_domain(found[o.message_id].address) for o in done)
+        stats.add(session, {(stats.today(), domain, "released"): n for domain, n in counts.items()})
+        audit.record_many(
+            session,
+            actor,
+            "message.release",
+            (
+                (o.mailbox_id, o.message_id, {"subject": found[o.message_id].subject[:200]})
+                for o in done
+            ),
+        )
+        # A release says the message was wanted: the classifier learns it as ham.
+        learning.record_many(
+            session,
+            Label.HAM,
+            actor,
+            "release",
+            (
+                (o.message_id, o.mailbox_id, sha, tokens[sha])
+                for o in done
+                for sha in (found[o.message_id].raw_sha256,)
+            ),
+        )
+    if refused:
+        session.execute(_REFUSED, [{"b_id": o.message_id, "b_error": o.error} for o in refused])
+        audit.record_many(
+            session,
+            actor,
+            "message.release_failed",
+            ((o.mailbox_id, o.message_id, {"error": o.error}) for o in refused),
+        )
+
+
+def log_outcomes(outcomes: Sequence[Outcome], actor: audit.Actor) -> None:
+    """Log each release and refusal of a chunk, once its transaction committed."""
+    who = f"{actor.type}:{actor.name}"
+    for o in outcomes:
+        if o.outcome == "done":
+            logs.event(
+                log, "message.release", message_id=o.message_id, mailbox_id=o.mailbox_id, actor=who
+            )
+        elif o.refused:
+            logs.event(
+                log,
+                "message.release_failed",
+                level=logging.WARNING,
+                message_id=o.message_id,
+                mailbox_id=o.mailbox_id,
+                actor=who,
+                error=o.error,
+            )
