@@ -5,14 +5,18 @@ page should, and the operator must be able to leave and come back. ``create`` re
 the job (what, for whom, within which domains) in the request's transaction; the web
 process then starts ``run`` in a thread at once, and the scheduler's ``resume``
 takes over any job whose runner died (a restarted web worker): a job is claimed with
-a worker id and a heartbeat. Each message is handled in its own transaction that also
-counts it on the job, so the progress page is exact; the keyset cursor (``last_id``)
-moves after each batch of ``BATCH`` ids, so a resumed job goes over at most one batch
-again, where a message already released counts as skipped and is never delivered
-twice. The per-message work is ``quarantine.release`` / ``quarantine.delete``: row
-lock, released once, audited, a refused release kept on the message with its error
-and retryable. On PostgreSQL a batch is shared by ``PARALLEL`` threads, because the
-relay's round trips, not the database, set the pace.
+a worker id and a heartbeat. The keyset cursor (``last_id``) moves after each batch
+of ids, so a resumed job goes over at most one batch again, where a message already
+released or deleted is no longer matched.
+
+A release works in chunks (``releases.release_chunk``): up to ``releases.CHUNK``
+messages locked, relayed and marked released in one transaction that also counts
+them on the job, so the progress page is exact. A crash between the relay's 250 and
+that commit sends the chunk's messages again when the job resumes (at least once,
+see ``releases``); a refused message keeps its error and stays retryable. A delete is
+one transaction per message. On PostgreSQL a batch is shared by ``PARALLEL`` threads,
+each with its own relay connection and transactions, because the relay's round trips,
+not the database, set the pace; SQLite has one writer at a time, so one thread.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from cleanmail.store import Store
 log = logging.getLogger(__name__)
 
 ACTIONS = ("release", "delete")
-BATCH = 200
+BATCH = 200  # ids per batch of a delete; a release takes releases.CHUNK per thread
 PARALLEL = 4  # threads per job on PostgreSQL, each with its own relay connection
 # A runner that has not moved its job for this long is taken to be dead. Longer than a
 # relay timeout, so that a slow mail server does not make two runners share a job.
@@ -169,7 +173,7 @@ def run(
         while not runner.stop.is_set():
             with database.session_scope() as session:
                 batch = next(
-                    search.batches(session, access, query, after_id=last_id, size=BATCH), []
+                    search.batches(session, access, query, after_id=last_id, size=runner.batch), []
                 )
             if not batch:
                 _finish(database, job_id, worker)
@@ -197,14 +201,23 @@ class _Runner:
     progress: Callable[[str], None] | None = None
     stop: threading.Event = field(default_factory=threading.Event)
 
+    @property
+    def threads(self) -> int:
+        """How many threads share a batch: several on PostgreSQL, one on SQLite."""
+        return PARALLEL if self.database.engine.dialect.name == "postgresql" else 1
+
+    @property
+    def batch(self) -> int:
+        """Ids per batch: a chunk per thread for a release."""
+        return releases.CHUNK * self.threads if self.action == "release" else BATCH
+
     def work(self, ids: list[int]) -> None:
         """Handle a batch; on PostgreSQL in several threads, each with its own connections.
 
-        SQLite takes its write lock for the whole of each message (the relay included),
+        SQLite takes its write lock for the whole of each chunk (the relay included),
         so more threads would only wait for each other there.
         """
-        dialect = self.database.engine.dialect.name
-        count = min(PARALLEL if dialect == "postgresql" else 1, len(ids))
+        count = min(self.threads, len(ids))
         if count <= 1:
             self._work(ids)
             return
