@@ -13,10 +13,10 @@ A release works in chunks (``releases.release_chunk``): up to ``releases.CHUNK``
 messages locked, relayed and marked released in one transaction that also counts
 them on the job, so the progress page is exact. A crash between the relay's 250 and
 that commit sends the chunk's messages again when the job resumes (at least once,
-see ``releases``); a refused message keeps its error and stays retryable. A delete is
-one transaction per message. On PostgreSQL a batch is shared by ``PARALLEL`` threads,
-each with its own relay connection and transactions, because the relay's round trips,
-not the database, set the pace; SQLite has one writer at a time, so one thread.
+see ``releases``); a refused message keeps its error and stays retryable. A chunk's
+messages go out over ``releases.CONNECTIONS`` relay connections at once, because the
+relay's round trips, not the database, set the pace. A delete is one transaction per
+message; on PostgreSQL a batch of them is shared by ``PARALLEL`` threads.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from cleanmail.store import Store
 log = logging.getLogger(__name__)
 
 ACTIONS = ("release", "delete")
-BATCH = 200  # ids per batch of a delete; a release takes releases.CHUNK per thread
-PARALLEL = 4  # threads per job on PostgreSQL, each with its own relay connection
+BATCH = 200  # ids per batch; the cursor moves after each
+PARALLEL = 4  # threads of a delete on PostgreSQL (a release: releases.CONNECTIONS)
 # A runner that has not moved its job for this long is taken to be dead. Longer than a
 # relay timeout, so that a slow mail server does not make two runners share a job.
 STALE = timedelta(minutes=5)
@@ -173,7 +173,7 @@ def run(
         while not runner.stop.is_set():
             with database.session_scope() as session:
                 batch = next(
-                    search.batches(session, access, query, after_id=last_id, size=runner.batch), []
+                    search.batches(session, access, query, after_id=last_id, size=BATCH), []
                 )
             if not batch:
                 _finish(database, job_id, worker)
@@ -185,6 +185,8 @@ def run(
     except Exception:
         log.exception("bulk job %d stopped; the scheduler resumes it", job_id)
         raise
+    finally:
+        runner.close()
 
 
 @dataclass
@@ -200,23 +202,21 @@ class _Runner:
     actor: audit.Actor
     progress: Callable[[str], None] | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    _senders: releases.Senders | None = None
+    _prepared: quarantine.Prepared = field(default_factory=quarantine.Prepared)
 
     @property
     def threads(self) -> int:
         """How many threads share a batch: several on PostgreSQL, one on SQLite."""
         return PARALLEL if self.database.engine.dialect.name == "postgresql" else 1
 
-    @property
-    def batch(self) -> int:
-        """Ids per batch: a chunk per thread for a release."""
-        return releases.CHUNK * self.threads if self.action == "release" else BATCH
 
     def work(self, ids: list[int]) -> None:
-        """Handle a batch; on PostgreSQL in several threads, each with its own connections.
-
-        SQLite takes its write lock for the whole of each chunk (the relay included),
-        so more threads would only wait for each other there.
-        """
+        """Handle a batch: a release chunk by chunk (its relay threads send each chunk); a
+        delete on PostgreSQL in several threads, each with its own connections."""
+        if self.action == "release":
+            self._release(ids)
+            return
         count = min(self.threads, len(ids))
         if count <= 1:
             self._work(ids)
@@ -242,41 +242,28 @@ class _Runner:
             raise errors[0]
 
     def _work(self, ids: list[int]) -> None:
-        try:
-            if self.action == "release":
-                self._release(ids)
-                return
-            with self.database.write_sessions() as session:
-                for message_id in ids:
-                    if self.stop.is_set():
-                        return
-                    self._one(session, message_id)
-        finally:
-            self.relay.close()  # this thread's connection
+        with self.database.write_sessions() as session:
+            for message_id in ids:
+                if self.stop.is_set():
+                    return
+                self._one(session, message_id)
 
     def _release(self, ids: list[int]) -> None:
         """Release in chunks, each one transaction (see ``releases``), counted on the job."""
-        prepared = quarantine.Prepared()
+        if self._senders is None:
+            self._senders = releases.Senders(self.store, self.relay)
         while ids and not self.stop.is_set():
             with self.database.write_sessions() as session:
                 try:
                     outcomes = releases.release_chunk(
                         session,
-                        self.store,
-                        self.relay,
+                        self._senders,
                         ids[: releases.CHUNK],
                         self.actor,
-                        prepared,
+                        self._prepared,
                         stop=self.stop.is_set,
                     )
-                    counts = Counter(o.outcome for o in outcomes)
-                    values: dict[str, Any] = {
-                        name: getattr(BulkJob, name) + n for name, n in counts.items()
-                    }
-                    errors = [o.error for o in outcomes if o.error is not None]
-                    if errors:
-                        values["last_error"] = errors[-1]
-                    counted = session.execute(self._mine().values(heartbeat_at=utcnow(), **values))
+                    counted = session.execute(self._mine().values(**_counts(outcomes)))
                     session.commit()  # what was sent, even when the job was cancelled meanwhile
                 except BaseException:
                     session.rollback()
@@ -287,7 +274,14 @@ class _Runner:
                     self.progress(outcome.outcome)
             if counted.rowcount != 1:  # type: ignore[attr-defined]
                 self.stop.set()  # cancelled, or taken over by another runner
-            ids = ids[len(outcomes) :]
+            handled = {outcome.message_id for outcome in outcomes}
+            ids = [message_id for message_id in ids if message_id not in handled]
+
+    def close(self) -> None:
+        """Stop the release's relay threads (each closes its connection)."""
+        if self._senders is not None:
+            self._senders.close()
+            self._senders = None
 
     def _one(self, session: Session, message_id: int) -> None:
         """Delete one message and count it, in one transaction."""
@@ -323,6 +317,17 @@ class _Runner:
             BulkJob.worker == self.worker,
             BulkJob.status == BulkStatus.RUNNING,
         )
+
+
+def _counts(outcomes: list[releases.Outcome]) -> dict[str, Any]:
+    """The job's counters and last error moved by a chunk's outcomes."""
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    for name, n in Counter(outcome.outcome for outcome in outcomes).items():
+        values[name] = getattr(BulkJob, name) + n
+    errors = [outcome.error for outcome in outcomes if outcome.error is not None]
+    if errors:
+        values["last_error"] = errors[-1]
+    return values
 
 
 def _finish(database: db.Database, job_id: int, worker: str) -> None:

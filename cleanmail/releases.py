@@ -14,11 +14,17 @@ Message-ID), so the second can be recognised. Releases at the same time still
 deliver once: an owner's release waits for the chunk's row locks, then finds the
 message released. ``CHUNK`` and ``SECONDS`` bound both the window and how long the
 locks (on SQLite, the database's write lock) are held.
+
+A chunk's messages go out over ``Senders``: a few threads, each with its own kept-open
+relay connection, so that the relay's round trips overlap. They only relay; the one
+thread that holds the transaction reads and writes the database, on SQLite as well.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -38,6 +44,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 100  # messages per transaction: at most this many are sent again after a crash
 SECONDS = 1.0  # and no chunk holds its locks much longer than this (plus one relay timeout)
+CONNECTIONS = 4  # relay connections (threads) that send a chunk's messages at once
 
 _MESSAGES = Message.__table__
 _RELEASED = (
@@ -69,10 +76,96 @@ class Outcome:
     refused: bool = False  # the relay said no: kept on the message, retryable
 
 
+class Senders:
+    """Threads that relay a chunk's messages at once, each over its own kept-open connection."""
+
+    def __init__(self, store: Store, relay: Relay, count: int = CONNECTIONS) -> None:
+        self.store = store
+        self.relay = relay  # its connections are per thread
+        self._tasks: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._local = threading.local()
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"relay-{n}", daemon=True)
+            for n in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _serve(self) -> None:
+        self._local.prepared = quarantine.Prepared()  # the content this thread read last
+        try:
+            while (task := self._tasks.get()) is not None:
+                task()
+        finally:
+            self.relay.close()  # this thread's connection
+
+    def send_all(
+        self,
+        rows: Sequence[Row[Any] | None],
+        actor: audit.Actor,
+        *,
+        deadline: float,
+        stop: Callable[[], bool] | None = None,
+    ) -> list[Outcome]:
+        """Relay the rows in order over every thread until the deadline or ``stop()``.
+
+        Returns the outcomes of a prefix of the rows: each thread takes the next row
+        that nobody took, and once time is up no thread takes another.
+        """
+        outcomes: list[Outcome | None] = [None] * len(rows)
+        taken, lock, finished = [0], threading.Lock(), threading.Semaphore(0)
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                while True:
+                    with lock:
+                        n = taken[0]
+                        over = time.monotonic() > deadline or (stop is not None and stop())
+                        if n >= len(rows) or (n and over) or errors:
+                            return
+                        taken[0] += 1
+                    outcomes[n] = self._send(rows[n], actor)
+            except BaseException as exc:  # raised by the caller below
+                errors.append(exc)
+            finally:
+                finished.release()
+
+        for _thread in self._threads:
+            self._tasks.put(work)
+        for _thread in self._threads:
+            finished.acquire()
+        if errors:
+            raise errors[0]
+        return [outcome for outcome in outcomes[: taken[0]] if outcome is not None]
+
+    def _send(self, row: Row[Any], actor: audit.Actor) -> Outcome:
+        """Relay one locked message; its outcome (nothing is written yet)."""
+        if row.status != Status.NEW or row.raw_sha256 is None:
+            return Outcome(row.id, "skipped", row.mailbox_id)  # released, deleted or expired
+        try:
+            raw = self._local.prepared.raw(self.store, row.raw_sha256)
+        except StoreError as exc:  # its content is unreadable: counted, not retried
+            return Outcome(row.id, "failed", row.mailbox_id, str(exc)[:1000])
+        at = utcnow()
+        header = quarantine.release_header(row.id, row.raw_sha256, actor, at)
+        try:
+            self.relay.send(row.envelope_sender, [row.address], raw, prefix=header)
+        except RelayError as exc:
+            return Outcome(row.id, "failed", row.mailbox_id, str(exc)[:1000], at, refused=True)
+        return Outcome(row.id, "done", row.mailbox_id, None, at)
+
+    def close(self) -> None:
+        """Stop the threads; each closes its relay connection."""
+        for _thread in self._threads:
+            self._tasks.put(None)
+        for thread in self._threads:
+            thread.join()
+
+
 def release_chunk(
     session: Session,
-    store: Store,
-    relay: Relay,
+    senders: Senders,
     ids: Sequence[int],
     actor: audit.Actor,
     prepared: quarantine.Prepared,
@@ -82,9 +175,10 @@ def release_chunk(
 ) -> list[Outcome]:
     """Release the held messages among ``ids`` in the caller's transaction, in id order.
 
-    Returns an outcome for each id handled. That is a prefix of ``ids``, shorter when
-    ``seconds`` ran out or ``stop()`` said so; the caller commits and goes on with
-    the rest. A message the relay refused keeps its error and stays ``new``.
+    Returns an outcome for each id handled: every one, unless ``seconds`` ran out or
+    ``stop()`` said so, when the caller commits and goes on with the rest. A message
+    the relay refused keeps its error and stays ``new``. ``prepared`` keeps the
+    classifier's tokens of the content read last.
     """
     rows = session.execute(
         select(
@@ -102,42 +196,24 @@ def release_chunk(
         .with_for_update(of=_MESSAGES)
     )
     found = {row.id: row for row in rows}
-    deadline = time.monotonic() + seconds
-    outcomes: list[Outcome] = []
+    sent = senders.send_all(
+        [found.get(message_id) for message_id in ids if message_id in found],
+        actor,
+        deadline=time.monotonic() + seconds,
+        stop=stop,
+    )
+    # Ids no longer there (deleted for good) come first: they need no relay.
+    gone = [Outcome(message_id, "skipped") for message_id in ids if message_id not in found]
     tokens: dict[str, str] = {}  # the classifier's tokens by content, joined once
-    for message_id in ids:
-        if outcomes and (time.monotonic() > deadline or (stop is not None and stop())):
-            break
-        row = found.get(message_id)
-        if row is None:  # deleted for good meanwhile
-            outcomes.append(Outcome(message_id, "skipped"))
-            continue
-        outcome = _send(store, relay, row, actor, prepared)
-        if outcome.outcome == "done" and row.raw_sha256 not in tokens:
-            raw = prepared.raw(store, row.raw_sha256)
-            tokens[row.raw_sha256] = "\n".join(prepared.tokens(row.raw_sha256, raw))
-        outcomes.append(outcome)
-    _record(session, actor, found, outcomes, tokens)
-    return outcomes
-
-
-def _send(
-    store: Store, relay: Relay, row: Row[Any], actor: audit.Actor, prepared: quarantine.Prepared
-) -> Outcome:
-    """Relay one locked message; its outcome (nothing is written yet)."""
-    if row.status != Status.NEW or row.raw_sha256 is None:
-        return Outcome(row.id, "skipped", row.mailbox_id)  # released, deleted or expired meanwhile
-    try:
-        raw = prepared.raw(store, row.raw_sha256)
-    except StoreError as exc:  # its content is unreadable: counted, not retried
-        return Outcome(row.id, "failed", row.mailbox_id, str(exc)[:1000])
-    at = utcnow()
-    header = quarantine.release_header(row.id, row.raw_sha256, actor, at)
-    try:
-        relay.send(row.envelope_sender, [row.address], raw, prefix=header)
-    except RelayError as exc:
-        return Outcome(row.id, "failed", row.mailbox_id, str(exc)[:1000], at, refused=True)
-    return Outcome(row.id, "done", row.mailbox_id, None, at)
+    for outcome in sent:
+        sha = found[outcome.message_id].raw_sha256
+        if outcome.outcome == "done" and sha not in tokens:
+            try:
+                tokens[sha] = "\n".join(prepared.tokens(sha, prepared.raw(senders.store, sha)))
+            except StoreError:  # gone since it was sent: the learning job reads it or skips it
+                tokens[sha] = ""
+    _record(session, actor, found, sent, tokens)
+    return gone + sent
 
 
 def _record(
