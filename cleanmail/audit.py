@@ -80,4 +80,5 @@ def record_many(
         for mailbox_id, message_id, detail in events
     ]
     if rows:
-        session.execute(insert(AuditEvent.__table__), rows)
+        table = AuditEvent.__table__  # RETURNING: one INSERT of many rows ("insertmanyvalues")
+        session.execute(insert(table).returning(table.c.id), rows)

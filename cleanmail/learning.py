@@ -113,7 +113,8 @@ def record_many(
         for message_id, mailbox_id, sha, tokens in messages
     ]
     if rows:
-        session.execute(insert(LearningEvent.__table__), rows)
+        table = LearningEvent.__table__  # RETURNING: one INSERT of many rows ("insertmanyvalues")
+        session.execute(insert(table).returning(table.c.id), rows)
 
 
 def pending(session: Session, *, limit: int = BATCH) -> list[LearningEvent]:
