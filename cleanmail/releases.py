@@ -121,8 +121,8 @@ class Senders:
                 while True:
                     with lock:
                         n = taken[0]
-                        over = time.monotonic() > deadline or (stop is not None and stop())
-                        if n >= len(rows) or (n and over) or errors:
+                        late = n and time.monotonic() > deadline  # but one message at least
+                        if n >= len(rows) or late or errors or (stop is not None and stop()):
                             return
                         taken[0] += 1
                     outcomes[n] = self._send(rows[n], actor)

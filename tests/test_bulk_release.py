@@ -176,3 +176,44 @@ def test_a_refused_message_stays_retryable_and_its_chunk_goes_on(
             2,
         )
     assert _release_ids(smtp_sink)[refused] == 1
+
+
+def test_a_release_during_a_chunk_waits_for_it_and_delivers_once(
+    database, store, config, smtp_sink
+):
+    ids = _hold(database, store, 10)
+    arrived, stall, unstall = [0], threading.Event(), threading.Event()
+
+    def gate(_received):
+        arrived[0] += 1
+        if arrived[0] == 5:
+            stall.set()
+            unstall.wait(30)
+
+    smtp_sink.on_message = gate
+    with database.session_scope(write=True) as session:
+        job_id = bulk.create(
+            session, staff.OPERATOR, ACTOR, "release", search.Query(sender=SENDER)
+        ).id
+    relay = Relay(Endpoint(config.relay.host, config.relay.port), timeout=30)
+    job = threading.Thread(target=bulk.run, args=(database, store, relay, job_id))
+    job.start()
+    owner: list[bool] = []
+
+    def release_by_owner():
+        with database.session_scope(write=True) as session:
+            held = session.get(Message, ids[0])
+            owner.append(quarantine.release(session, store, relay, held, ACTOR))
+
+    try:
+        assert stall.wait(30)  # the chunk has relayed ids[0] but not committed
+        clicked = threading.Thread(target=release_by_owner)
+        clicked.start()
+        clicked.join(1.0)
+        assert clicked.is_alive()  # waits for the chunk's lock
+    finally:
+        unstall.set()
+    clicked.join(30)
+    job.join(60)
+    assert owner == [False]  # found released: not sent again
+    assert _release_ids(smtp_sink) == {message_id: 1 for message_id in ids}
