@@ -29,7 +29,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Row, bindparam, select, update
@@ -72,7 +71,6 @@ class Outcome:
     outcome: str
     mailbox_id: int | None = None
     error: str | None = None
-    at: datetime | None = None
     refused: bool = False  # the relay said no: kept on the message, retryable
 
 
@@ -101,7 +99,7 @@ class Senders:
 
     def send_all(
         self,
-        rows: Sequence[Row[Any] | None],
+        rows: Sequence[Row[Any]],
         actor: audit.Actor,
         *,
         deadline: float,
@@ -147,13 +145,12 @@ class Senders:
             raw = self._local.prepared.raw(self.store, row.raw_sha256)
         except StoreError as exc:  # its content is unreadable: counted, not retried
             return Outcome(row.id, "failed", row.mailbox_id, str(exc)[:1000])
-        at = utcnow()
-        header = quarantine.release_header(row.id, row.raw_sha256, actor, at)
+        header = quarantine.release_header(row.id, row.raw_sha256, actor, utcnow())
         try:
             self.relay.send(row.envelope_sender, [row.address], raw, prefix=header)
         except RelayError as exc:
-            return Outcome(row.id, "failed", row.mailbox_id, str(exc)[:1000], at, refused=True)
-        return Outcome(row.id, "done", row.mailbox_id, None, at)
+            return Outcome(row.id, "failed", row.mailbox_id, str(exc)[:1000], refused=True)
+        return Outcome(row.id, "done", row.mailbox_id)
 
     def close(self) -> None:
         """Stop the threads; each closes its relay connection."""
@@ -197,7 +194,7 @@ def release_chunk(
     )
     found = {row.id: row for row in rows}
     sent = senders.send_all(
-        [found.get(message_id) for message_id in ids if message_id in found],
+        [found[message_id] for message_id in ids if message_id in found],
         actor,
         deadline=time.monotonic() + seconds,
         stop=stop,
