@@ -372,9 +372,7 @@ def run(name: str, url: str, workdir: Path, args: argparse.Namespace, how: str =
             )
         if args.release:
             store = Store(workdir / f"store-{name}")
-            reference, rate, delivered, relay_cpu, job_cpu = release(
-                database, store, args.release
-            )
+            reference, rate, delivered, relay_cpu, job_cpu = release(database, store, args.release)
             print(
                 f"{name}: bulk release of {args.release:,}: {rate:.0f} messages/s"
                 f" ({delivered:,} reached the sink; target >= 300/s); the bare relay to the"

@@ -210,7 +210,6 @@ class _Runner:
         """How many threads share a batch: several on PostgreSQL, one on SQLite."""
         return PARALLEL if self.database.engine.dialect.name == "postgresql" else 1
 
-
     def work(self, ids: list[int]) -> None:
         """Handle a batch: a release chunk by chunk (its relay threads send each chunk); a
         delete on PostgreSQL in several threads, each with its own connections."""

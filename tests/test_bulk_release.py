@@ -63,9 +63,7 @@ def _release_ids(messages) -> collections.Counter[int]:
     return seen
 
 
-def test_a_job_killed_mid_chunk_resumes_and_releases_everything(
-    database, store, config, smtp_sink
-):
+def test_a_job_killed_mid_chunk_resumes_and_releases_everything(database, store, config, smtp_sink):
     ids = _hold(database, store, 260)
     # The sink stalls on the 150th message: the job is then in the middle of a chunk,
     # with messages relayed (250) but not yet marked released.
