@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import getpass
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from cleanmail.models import AuditEvent
+from cleanmail.models import AuditEvent, utcnow
 
 
 @dataclass(frozen=True)
@@ -54,3 +56,29 @@ def record(
     )
     session.add(event)
     return event
+
+
+def record_many(
+    session: Session,
+    actor: Actor,
+    action: str,
+    events: Iterable[tuple[int | None, int | None, dict[str, Any]]],
+) -> None:
+    """Add one event per (mailbox_id, message_id, detail) with one multi-row insert."""
+    at = utcnow()
+    rows = [
+        {
+            "at": at,
+            "actor_type": actor.type,
+            "actor": actor.name,
+            "action": action,
+            "mailbox_id": mailbox_id,
+            "message_id": message_id,
+            "detail": detail,
+            "remote_addr": actor.remote_addr,
+        }
+        for mailbox_id, message_id, detail in events
+    ]
+    if rows:
+        table = AuditEvent.__table__  # RETURNING: one INSERT of many rows ("insertmanyvalues")
+        session.execute(insert(table).returning(table.c.id), rows)

@@ -5,14 +5,18 @@ page should, and the operator must be able to leave and come back. ``create`` re
 the job (what, for whom, within which domains) in the request's transaction; the web
 process then starts ``run`` in a thread at once, and the scheduler's ``resume``
 takes over any job whose runner died (a restarted web worker): a job is claimed with
-a worker id and a heartbeat. Each message is handled in its own transaction that also
-counts it on the job, so the progress page is exact; the keyset cursor (``last_id``)
-moves after each batch of ``BATCH`` ids, so a resumed job goes over at most one batch
-again, where a message already released counts as skipped and is never delivered
-twice. The per-message work is ``quarantine.release`` / ``quarantine.delete``: row
-lock, released once, audited, a refused release kept on the message with its error
-and retryable. On PostgreSQL a batch is shared by ``PARALLEL`` threads, because the
-relay's round trips, not the database, set the pace.
+a worker id and a heartbeat. The keyset cursor (``last_id``) moves after each batch
+of ids, so a resumed job goes over at most one batch again, where a message already
+released or deleted is no longer matched.
+
+A release works in chunks (``releases.release_chunk``): up to ``releases.CHUNK``
+messages locked, relayed and marked released in one transaction that also counts
+them on the job, so the progress page is exact. A crash between the relay's 250 and
+that commit sends the chunk's messages again when the job resumes (at least once,
+see ``releases``); a refused message keeps its error and stays retryable. A chunk's
+messages go out over ``releases.CONNECTIONS`` relay connections at once, because the
+relay's round trips, not the database, set the pace. A delete is one transaction per
+message; on PostgreSQL a batch of them is shared by ``PARALLEL`` threads.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -28,17 +33,17 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from cleanmail import audit, db, quarantine, search
-from cleanmail.models import BulkJob, BulkStatus, Mailbox, Message, Status, utcnow
+from cleanmail import audit, db, quarantine, releases, search
+from cleanmail.models import BulkJob, BulkStatus, Message, Status, utcnow
 from cleanmail.relay import Relay
 from cleanmail.staff import Access, access_from_json
-from cleanmail.store import Store, StoreError
+from cleanmail.store import Store
 
 log = logging.getLogger(__name__)
 
 ACTIONS = ("release", "delete")
-BATCH = 200
-PARALLEL = 4  # threads per job on PostgreSQL, each with its own relay connection
+BATCH = 200  # ids per batch; the cursor moves after each
+PARALLEL = 4  # threads of a delete on PostgreSQL (a release: releases.CONNECTIONS)
 # A runner that has not moved its job for this long is taken to be dead. Longer than a
 # relay timeout, so that a slow mail server does not make two runners share a job.
 STALE = timedelta(minutes=5)
@@ -180,6 +185,8 @@ def run(
     except Exception:
         log.exception("bulk job %d stopped; the scheduler resumes it", job_id)
         raise
+    finally:
+        runner.close()
 
 
 @dataclass
@@ -195,15 +202,21 @@ class _Runner:
     actor: audit.Actor
     progress: Callable[[str], None] | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    _senders: releases.Senders | None = None
+    _prepared: quarantine.Prepared = field(default_factory=quarantine.Prepared)
+
+    @property
+    def threads(self) -> int:
+        """How many threads share a batch: several on PostgreSQL, one on SQLite."""
+        return PARALLEL if self.database.engine.dialect.name == "postgresql" else 1
 
     def work(self, ids: list[int]) -> None:
-        """Handle a batch; on PostgreSQL in several threads, each with its own connections.
-
-        SQLite takes its write lock for the whole of each message (the relay included),
-        so more threads would only wait for each other there.
-        """
-        dialect = self.database.engine.dialect.name
-        count = min(PARALLEL if dialect == "postgresql" else 1, len(ids))
+        """Handle a batch: a release chunk by chunk (its relay threads send each chunk); a
+        delete on PostgreSQL in several threads, each with its own connections."""
+        if self.action == "release":
+            self._release(ids)
+            return
+        count = min(self.threads, len(ids))
         if count <= 1:
             self._work(ids)
             return
@@ -228,45 +241,59 @@ class _Runner:
             raise errors[0]
 
     def _work(self, ids: list[int]) -> None:
-        try:
-            prepared = quarantine.Prepared()
-            if self.action == "release":  # the recipients of the batch, in one query
-                with self.database.sessions() as session:
-                    found = session.execute(
-                        select(Message.id, Mailbox.address)
-                        .join(Mailbox, Mailbox.id == Message.mailbox_id)
-                        .where(Message.id.in_(ids))
-                    )
-                    prepared.addresses = {message_id: address for message_id, address in found}
-            with self.database.write_sessions() as session:
-                for message_id in ids:
-                    if self.stop.is_set():
-                        return
-                    self._one(session, message_id, prepared)
-        finally:
-            self.relay.close()  # this thread's connection
+        with self.database.write_sessions() as session:
+            for message_id in ids:
+                if self.stop.is_set():
+                    return
+                self._one(session, message_id)
 
-    def _one(self, session: Session, message_id: int, prepared: quarantine.Prepared) -> None:
-        """Handle one message and count it, in one transaction."""
-        try:
-            outcome, error = "skipped", None
-            message = session.get(Message, message_id, with_for_update=True)
-            if message is not None:
+    def _release(self, ids: list[int]) -> None:
+        """Release in chunks, each one transaction (see ``releases``), counted on the job."""
+        if self._senders is None:
+            self._senders = releases.Senders(self.store, self.relay)
+        while ids and not self.stop.is_set():
+            with self.database.write_sessions() as session:
                 try:
-                    outcome = _act(
-                        session, self.store, self.relay, self.action, message, self.actor, prepared
+                    outcomes = releases.release_chunk(
+                        session,
+                        self._senders,
+                        ids[: releases.CHUNK],
+                        self.actor,
+                        self._prepared,
+                        stop=self.stop.is_set,
                     )
-                except quarantine.ReleaseFailed as exc:  # kept on the message, retryable
-                    outcome, error = "failed", str(exc)
-                except StoreError as exc:  # its content is unreadable: counted, not retried
-                    outcome, error = "failed", str(exc)
-                except quarantine.QuarantineError:  # deleted or expired meanwhile
-                    outcome = "skipped"
+                    counted = session.execute(self._mine().values(**_counts(outcomes)))
+                    session.commit()  # what was sent, even when the job was cancelled meanwhile
+                except BaseException:
+                    session.rollback()
+                    raise
+            releases.log_outcomes(outcomes, self.actor)
+            if self.progress is not None:
+                for outcome in outcomes:
+                    self.progress(outcome.outcome)
+            if counted.rowcount != 1:  # type: ignore[attr-defined]
+                self.stop.set()  # cancelled, or taken over by another runner
+            handled = {outcome.message_id for outcome in outcomes}
+            ids = [message_id for message_id in ids if message_id not in handled]
+
+    def close(self) -> None:
+        """Stop the release's relay threads (each closes its connection)."""
+        if self._senders is not None:
+            self._senders.close()
+            self._senders = None
+
+    def _one(self, session: Session, message_id: int) -> None:
+        """Delete one message and count it, in one transaction."""
+        try:
+            outcome = "skipped"
+            message = session.get(Message, message_id, with_for_update=True)
+            if message is not None and message.status in (Status.NEW, Status.RELEASED):
+                quarantine.delete(session, self.store, message, self.actor)
+                outcome = "done"
             column = getattr(BulkJob, outcome)
-            values: dict[str, Any] = {outcome: column + 1, "heartbeat_at": utcnow()}
-            if error is not None:
-                values["last_error"] = error[:1000]
-            counted = session.execute(self._mine().values(**values))
+            counted = session.execute(
+                self._mine().values(**{outcome: column + 1}, heartbeat_at=utcnow())
+            )
             session.commit()  # the message's fate, even when the job was cancelled meanwhile
         except BaseException:
             session.rollback()
@@ -291,25 +318,15 @@ class _Runner:
         )
 
 
-def _act(
-    session: Session,
-    store: Store,
-    relay: Relay,
-    action: str,
-    message: Message,
-    actor: audit.Actor,
-    prepared: quarantine.Prepared,
-) -> str:
-    """Release or delete one message that the caller loaded FOR UPDATE."""
-    if action == "release":
-        released = quarantine.release(
-            session, store, relay, message, actor, locked=True, prepared=prepared
-        )
-        return "done" if released else "skipped"
-    if message.status not in (Status.NEW, Status.RELEASED):
-        return "skipped"
-    quarantine.delete(session, store, message, actor)
-    return "done"
+def _counts(outcomes: list[releases.Outcome]) -> dict[str, Any]:
+    """The job's counters and last error moved by a chunk's outcomes."""
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    for name, n in Counter(outcome.outcome for outcome in outcomes).items():
+        values[name] = getattr(BulkJob, name) + n
+    errors = [outcome.error for outcome in outcomes if outcome.error is not None]
+    if errors:
+        values["last_error"] = errors[-1]
+    return values
 
 
 def _finish(database: db.Database, job_id: int, worker: str) -> None:

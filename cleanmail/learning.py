@@ -9,9 +9,10 @@ waiting events into a new classifier model version, which every filter then load
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -82,6 +83,38 @@ def record(
     )
     session.add(event)
     return event
+
+
+def record_many(
+    session: Session,
+    label: Label,
+    actor: audit.Actor,
+    source: str,
+    messages: Iterable[tuple[int, int, str | None, str]],
+) -> None:
+    """Add a learning event per (message_id, mailbox_id, raw_sha256, tokens joined by
+    newlines) with one multi-row insert (a bulk release's lessons)."""
+    if source not in SOURCES:
+        raise LearningError(f"unknown learning source {source!r}")
+    at = utcnow()
+    rows = [
+        {
+            "at": at,
+            "label": Label(label),
+            "source": source,
+            "actor_type": actor.type,
+            "actor": actor.name[:320],
+            "raw_sha256": sha,
+            "message_id": message_id,
+            "mailbox_id": mailbox_id,
+            "tokens": tokens,
+            "applied_version": None,
+        }
+        for message_id, mailbox_id, sha, tokens in messages
+    ]
+    if rows:
+        table = LearningEvent.__table__  # RETURNING: one INSERT of many rows ("insertmanyvalues")
+        session.execute(insert(table).returning(table.c.id), rows)
 
 
 def pending(session: Session, *, limit: int = BATCH) -> list[LearningEvent]:

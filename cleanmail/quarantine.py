@@ -159,13 +159,12 @@ class ReleaseFailed(QuarantineError):
 
 @dataclass
 class Prepared:
-    """Read once for many releases: recipients by message id, content and tokens by hash.
+    """Read once for many releases: the content and its tokens by hash.
 
     Keeps the last content only: a bulk job's messages are in id order, and copies of
     one message (one campaign to many mailboxes) are usually close together.
     """
 
-    addresses: dict[int, str] = field(default_factory=dict)
     _sha: str | None = None
     _raw: bytes = b""
     _tokens: list[str] | None = None
@@ -183,42 +182,46 @@ class Prepared:
         return self._tokens
 
 
+def release_header(message_id: int, sha: str, actor: audit.Actor, now: datetime) -> bytes:
+    """The header lines a released message gets in front of its unchanged content.
+
+    ``X-Cleanmail-Release-ID`` is the same every time one quarantined copy is sent, so
+    that a copy delivered again (a bulk job resumed after a crash) can be recognised.
+    """
+    return (
+        f"X-Cleanmail-Released: by {actor.type} at {now:%Y-%m-%d %H:%M:%S} UTC\r\n"
+        f"X-Cleanmail-Release-ID: <{message_id}.{sha[:16]}@release.cleanmail>\r\n"
+    ).encode()
+
+
 def release(
     session: Session,
     store: Store,
     relay: Relay,
     message: Message,
     actor: audit.Actor,
-    *,
-    locked: bool = False,
-    prepared: Prepared | None = None,
 ) -> bool:
     """Deliver a held message to its mailbox once; False when it was already released.
 
     The row is locked while the relay takes the message, so two releases at the same
-    time deliver it once (``locked``: the caller loaded it FOR UPDATE in this
-    transaction). A refusal is recorded on the message (and raised) so that the owner
-    sees the error and can try again. ``prepared``: what a bulk job read beforehand for
-    many messages at once (their content and recipients), to save a query per message.
+    time deliver it once. A refusal is recorded on the message (and raised) so that the
+    owner sees the error and can try again. A bulk job releases many in one
+    transaction instead (``releases.release_chunk``).
     """
-    if not locked:
-        session.refresh(message, with_for_update=True)
+    session.refresh(message, with_for_update=True)
     if message.status == Status.RELEASED:
         return False
     if message.status != Status.NEW or message.raw_sha256 is None:
         raise QuarantineError(f"message {message.id} is {message.status} and cannot be released")
-    prepared = prepared or Prepared()
-    raw = prepared.raw(store, message.raw_sha256)
-    address = prepared.addresses.get(message.id)
-    if address is None:
-        mailbox = session.get(Mailbox, message.mailbox_id)
-        assert mailbox is not None
-        address = mailbox.address
+    raw = store.read(message.raw_sha256)
+    mailbox = session.get(Mailbox, message.mailbox_id)
+    assert mailbox is not None
+    address = mailbox.address
     now = utcnow()
-    header = f"X-Cleanmail-Released: by {actor.type} at {now:%Y-%m-%d %H:%M:%S} UTC\r\n"
+    header = release_header(message.id, message.raw_sha256, actor, now)
     message.release_attempts += 1
     try:
-        relay.send(message.envelope_sender, [address], raw, prefix=header.encode())
+        relay.send(message.envelope_sender, [address], raw, prefix=header)
     except RelayError as exc:
         message.release_error = str(exc)[:1000]
         audit.record(
@@ -257,8 +260,7 @@ def release(
         subject=message.subject[:200],
     )
     # A release says the message was wanted: the classifier learns it as ham.
-    tokens = prepared.tokens(message.raw_sha256, raw)
-    learning.record(session, message, Label.HAM, actor, source="release", tokens=tokens)
+    learning.record(session, message, Label.HAM, actor, source="release", raw=raw)
     return True
 
 

@@ -156,6 +156,8 @@ def test_release_delivers_the_original_once(client, ola, database, store, smtp_s
     assert received.rcpt_tos == ["ola@example.no"]
     header, _sep, rest = received.data.partition(b"\r\n")
     assert header.startswith(b"X-Cleanmail-Released: by owner at ")
+    release_id, _sep, rest = rest.partition(b"\r\n")
+    assert release_id.startswith(f"X-Cleanmail-Release-ID: <{message_id}.".encode())
     assert rest == raw
     assert "1 message released" in client.get("/").get_data(as_text=True)
     client.post(f"/messages/{message_id}/release", data={"csrf_token": csrf})
