@@ -202,8 +202,14 @@ def test_parts_are_the_ones_the_email_package_finds(case: tuple[bytes, list]) ->
     assert [p.content_type for p in parsed.parts] == [m.get_content_type() for m in leaves]
     assert [p.payload for p in parsed.parts] == [m.get_payload(decode=True) for m in leaves]
     assert [p.filename for p in parsed.parts] == [m.get_filename() for m in leaves]
-    kept = [(p.filename, p.payload) for p in parsed.parts if p.filename]
-    assert [(name, data) for name, data in kept if (name, data) in attached] == attached
+    # Text attachments are left out of ``attached`` (the stdlib rewrites their line ends),
+    # and one may equal a binary one byte for byte: compare the binary ones only.
+    binary = [
+        (p.filename, p.payload)
+        for p in parsed.parts
+        if p.filename and not p.content_type.startswith("text/")
+    ]
+    assert binary == attached
     assert not parsed.defects
 
 
