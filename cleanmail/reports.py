@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from cleanmail import mailboxes, report_mail, report_senders
+from cleanmail import mailboxes, report_mail, report_senders, report_workers
 from cleanmail.config import Config
 from cleanmail.db import Database
 from cleanmail.models import Domain, Mailbox, Message, Report, ReportRun, ReportStatus, Status
@@ -276,32 +276,30 @@ def send_pending(
     limit: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     senders: int | None = None,
+    processes: int | None = None,
 ) -> tuple[int, int]:
     """Send every pending report that is due for an attempt; (sent, failed)."""
+    processes = processes or config.report_processes
     total = 0
-    if progress is not None:
+    if progress is not None or processes > 1:
         with sessions() as session:
             total = session.scalar(select(func.count()).select_from(_ready(now).subquery())) or 0
+        total = total if limit is None else min(total, limit)
+    if progress is not None:
         progress(0, total)
+    senders = senders or config.report_senders
+    batches = _pending_batches(sessions, now, limit)
+    if processes > 1 and total >= report_workers.PROCESSES_FROM and report_workers.usable(sessions):
+        told = None if progress is None else lambda done: progress(done, total)
+        return report_workers.send(
+            sessions, relay, config, now, batches,
+            processes=processes, senders=senders, rows=REPORT_ROWS, progress=told,
+        )  # fmt: skip
     renderer = report_mail.Renderer(config)
-    pool = report_senders.Senders(sessions, relay, now, senders or config.report_senders)
-    taken = last_id = 0
+    pool = report_senders.Senders(sessions, relay, now, senders)
     try:
-        while limit is None or taken < limit:
-            with sessions() as session:
-                query = _ready(now).where(Report.id > last_id).order_by(Report.id).limit(BATCH)
-                ids = session.scalars(query).all()
-            if not ids:
-                break
-            last_id = ids[-1]
-            ids = ids[: None if limit is None else limit - taken]
-            with sessions() as session:  # rendered here, claimed one by one when sent
-                addressees = report_mail.addressees(session, ids)
-                rows = report_mail.listed(session, ids, REPORT_ROWS)
-            taken += len(ids)
-            for to in addressees:
-                raw = renderer.render(to, rows.get(to.report_id, []))
-                pool.put(to.report_id, to.address, report_mail.message_id(to, config.hostname), raw)
+        for ids in batches:
+            report_workers.send_batch(sessions, renderer, pool, ids, REPORT_ROWS)
             if progress is not None:
                 progress(pool.tally.sent + pool.tally.failed, total)
     finally:
@@ -309,6 +307,23 @@ def send_pending(
     if progress is not None:
         progress(pool.tally.sent + pool.tally.failed, total)
     return pool.tally.sent, pool.tally.failed
+
+
+def _pending_batches(
+    sessions: sessionmaker[Session], now: datetime, limit: int | None
+) -> Iterator[list[int]]:
+    """The ids of the reports due for an attempt, a batch at a time (keyset), at most ``limit``."""
+    taken = last_id = 0
+    while limit is None or taken < limit:
+        with sessions() as session:
+            query = _ready(now).where(Report.id > last_id).order_by(Report.id).limit(BATCH)
+            ids = list(session.scalars(query).all())
+        if not ids:
+            return
+        last_id = ids[-1]
+        ids = ids[: None if limit is None else limit - taken]
+        taken += len(ids)
+        yield ids
 
 
 def run(
