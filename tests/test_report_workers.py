@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import email
 import email.policy
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -100,3 +104,49 @@ def test_reports_a_worker_could_not_send_stay_pending_for_a_retry(
     assert reports.send_pending(database.write_sessions, relay, config, later) == (len(refused), 0)
     recipients = [rcpt for got in smtp_sink.wait_for(len(many)) for rcpt in got.rcpt_tos]
     assert sorted(recipients) == many  # each once: the refused ones were not taken before
+
+
+CHILD = """
+import multiprocessing, os, sys, time
+sys.path.insert(0, {root!r})
+from cleanmail import report_workers
+
+def child(parent):
+    report_workers._die_with(parent)
+    time.sleep(120)
+
+if __name__ == "__main__":
+    worker = multiprocessing.get_context("spawn").Process(target=child, args=(os.getpid(),))
+    worker.start()
+    print(worker.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def gone(pid: int) -> bool:
+    """True when the process has exited (a zombie waiting for init counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def test_a_worker_dies_with_the_run_that_started_it(tmp_path):
+    """SIGKILL of the sending process ends its workers too: none sends on behind its back."""
+    script = tmp_path / "parent.py"
+    script.write_text(CHILD.format(root=str(Path(__file__).resolve().parent.parent)))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        time.sleep(0.5)  # the worker has set its death signal by now, or will see its new parent
+        assert not gone(worker)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while not gone(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone(worker)
+    finally:
+        parent.kill()
+        parent.stdout.close()
