@@ -306,6 +306,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=4, help="for the sink reference")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
+        "--processes", type=int, help="CLEANMAIL_REPORT_PROCESSES for the sender (default: its own)"
+    )
+    parser.add_argument(
         "--profile", metavar="FILE", help="record the sender with py-spy (raw, collapsed stacks)"
     )
     parser.add_argument(
@@ -338,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         before = counter.value
         print(f"sink alone: {sink_rate:,.0f} messages/s of {len(sample):,} bytes", flush=True)
         env = environment(url, tmp, port)
+        if args.processes:
+            env["CLEANMAIL_REPORT_PROCESSES"] = str(args.processes)
         busy = machine_busy()
         seconds, usage, code, rss = send(env, tmp / "send.log", counter, args.profile)
         print((tmp / "send.log").read_text().strip()[-2000:])
