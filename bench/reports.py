@@ -360,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  sink alone, same size   {sink_rate:>10,.0f}   messages/s  "
             f"(reports reach {rate / sink_rate:.0%} of it)\n"
             f"  sender CPU per report   {cpu_ms:>10.2f} ms  (at most {1000 / cpu_ms:,.0f}/s "
-            "on one idle core)\n"
+            f"on one idle core; system {usage.ru_stime * 1000 / max(delivered, 1):.2f} ms of it)\n"
             f"  sender peak RSS         {rss.peak_kb / 1024:>10.1f} MiB  (summed over its "
             f"{rss.most_processes} processes; the largest alone {usage.ru_maxrss / 1024:.1f} MiB)"
         )
