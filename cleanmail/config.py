@@ -83,8 +83,10 @@ class Config:
         """The configured engines that run outside Cleanmail."""
         return tuple(name for name in self.engines if name in EXTERNAL_ENGINES)
 
-    # Quarantine reports: relay connections sending at once.
+    # Quarantine reports: relay connections sending at once (per process), and the
+    # processes that send a large run.
     report_senders: int = 4
+    report_processes: int = 2
 
     @property
     def store_dir(self) -> Path:
@@ -229,6 +231,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "spamd_port": _port,
     "spamd_reject_score": float,
     "report_senders": _positive_int,
+    "report_processes": _positive_int,
 }
 
 DEFAULTS: dict[str, str] = {

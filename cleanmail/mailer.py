@@ -108,7 +108,7 @@ def _part(boundary: str, subtype: str, content: str) -> bytes:
     # that no person reads in the raw.
     # One b2a_base64 for the whole part, cut into 76-character lines (as encodebytes does).
     encoded = binascii.b2a_base64(content.encode("utf-8"), newline=False)
-    lines = b"".join([encoded[at : at + 76] + b"\r\n" for at in range(0, len(encoded), 76)])
+    lines = b"\r\n".join([encoded[at : at + 76] for at in range(0, len(encoded), 76)]) + b"\r\n"
     return (
         f"--{boundary}\r\n"
         f'Content-Type: text/{subtype}; charset="utf-8"\r\n'

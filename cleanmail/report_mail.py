@@ -8,11 +8,12 @@ reason texts per code and language, and templates compiled once per language.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 from babel.dates import format_datetime
 from flask import Flask
@@ -71,7 +72,8 @@ def addressees(session: Session, report_ids: Sequence[int]) -> list[Addressee]:
         .where(Report.id.in_(report_ids))
         .order_by(Report.id)
     )
-    return [Addressee(*row) for row in session.execute(query)]
+    # Core rows, not the ORM's: these are plain columns, and a run reads millions.
+    return [Addressee(*row) for row in session.connection().execute(query)]
 
 
 def listed(session: Session, report_ids: Sequence[int], limit: int) -> dict[int, list[Any]]:
@@ -102,17 +104,16 @@ def listed(session: Session, report_ids: Sequence[int], limit: int) -> dict[int,
     )
     query = select(ranked).where(ranked.c.rank <= limit).order_by(ranked.c.report_id, ranked.c.rank)
     rows: dict[int, list[Listed]] = {}
-    for report_id, *fields in session.execute(query):
+    for report_id, *fields in session.connection().execute(query).all():
         rows.setdefault(report_id, []).append(_row(*fields[:6]))
     return rows
 
 
-@dataclass(frozen=True, slots=True)
-class Listed:
-    """What a report shows of one message."""
+class Listed(NamedTuple):
+    """What a report shows of one message (a tuple: a run makes millions of them)."""
 
     id: int
-    received_at: datetime
+    minute: datetime  # when it was received, to the minute (what the report shows)
     sender: str
     subject: str
     reason: dict[str, Any] | None
@@ -121,10 +122,17 @@ class Listed:
 def _row(
     message_id: int, received: Any, from_address: str, envelope: str, subject: str, why: Any
 ) -> Listed:
-    if isinstance(received, str):  # SQLite: naive UTC text
-        received = datetime.fromisoformat(received).replace(tzinfo=UTC)
+    if isinstance(received, str):  # SQLite: naive UTC text, "YYYY-MM-DD HH:MM:SS.ffffff"
+        minute = _minute(received[:16])
+    else:
+        minute = received.replace(second=0, microsecond=0)
     reason = _top_reason(why) if isinstance(why, str) else _top(why)
-    return Listed(message_id, received, from_address or envelope, subject, reason)
+    return Listed(message_id, minute, from_address or envelope, subject, reason)
+
+
+@lru_cache(maxsize=16384)
+def _minute(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
 
 
 @lru_cache(maxsize=4096)  # bounded: a reason list is a few hundred bytes
@@ -184,30 +192,50 @@ def compiled(name: str, language: str, fields: tuple[str, ...], **fixed: Any) ->
     return rendered
 
 
+class RowTemplate(NamedTuple):
+    """A row template as a ``%`` string and what picks its values out of a ``_ROW`` tuple."""
+
+    text: str
+    pick: Callable[[tuple[str, ...]], tuple[str, ...]]
+
+    def fill(self, values: tuple[str, ...]) -> str:
+        """The row with the values (in ``_ROW`` order) put in."""
+        return self.text % self.pick(values)
+
+
+def row_template(name: str, language: str, fields: tuple[str, ...], **fixed: Any) -> RowTemplate:
+    """``compiled`` as a positional ``%`` template: a row is filled 2.5 million times a run."""
+    stand_ins = {field: f"{_MARK}{field}{_MARK}" for field in fields}
+    template = mailer._environment(language).get_template(f"report/{name}")
+    # Jinja drops a template's last newline; each row ends with one.
+    pieces = (template.render(**stand_ins, **fixed) + "\n").replace("%", "%%").split(_MARK)
+    order = [_ROW.index(field) for field in pieces[1::2]]
+    pieces[1::2] = ["%s"] * len(order)
+    picks = itemgetter(*order) if len(order) > 1 else lambda values: (values[order[0]],)
+    return RowTemplate("".join(pieces), picks)
+
+
 @dataclass(frozen=True)
 class RowFormat:
-    """``report/row.*`` of one language as format strings, with and without a reason."""
+    """``report/row.*`` of one language, with and without a reason."""
 
-    html: str
-    html_no_reason: str
-    text: str
-    text_no_reason: str
+    html: RowTemplate
+    html_no_reason: RowTemplate
+    text: RowTemplate
+    text_no_reason: RowTemplate
     no_subject: str
 
 
 @lru_cache(maxsize=8)
 def row_format(language: str) -> RowFormat:
-    """The row templates of a language, compiled; each row ends with a newline.
-
-    (Jinja drops a template's last newline, so it is put back here.)
-    """
+    """The row templates of a language, compiled; each row ends with a newline."""
     without = tuple(field for field in _ROW if field != "reason")
     no_subject = mailer._environment(language).from_string('{{ _("(no subject)") }}').render()
     return RowFormat(
-        html=compiled("row.html", language, _ROW) + "\n",
-        html_no_reason=compiled("row.html", language, without, reason="") + "\n",
-        text=compiled("row.txt", language, _ROW) + "\n",
-        text_no_reason=compiled("row.txt", language, without, reason="") + "\n",
+        html=row_template("row.html", language, _ROW),
+        html_no_reason=row_template("row.html", language, without, reason=""),
+        text=row_template("row.txt", language, _ROW),
+        text_no_reason=row_template("row.txt", language, without, reason=""),
         no_subject=str(no_subject),
     )
 
@@ -249,7 +277,7 @@ class Renderer:
         text: list[str] = []
         for message in messages:
             token = self._release(f"{payload}{int(message.id)}}}".encode())
-            date = _date(message.received_at.replace(second=0, microsecond=0), zone, language)
+            date = _date(message.minute, zone, language)
             sender = _clean(message.sender, 320)
             subject = _clean(message.subject)
             reason = message.reason
@@ -258,24 +286,29 @@ class Renderer:
                 if reason is None
                 else _reason(str(reason.get("code") or ""), str(reason.get("text") or ""), language)
             )
+            # In _ROW order: date, subject, sender, reason, release_url, allow_url.
             html.append(
-                (form.html if why else form.html_no_reason).format(
-                    date=_escaped(date),
-                    subject=escape(subject) if subject else form.no_subject,
-                    sender=escape(sender),
-                    reason=_escaped(why),
-                    release_url=f"{base_html}/r/{token}",
-                    allow_url=f"{base_html}/r/{token}?allow=1",
+                (form.html if why else form.html_no_reason).fill(
+                    (
+                        _escaped(date),
+                        escape(subject) if subject else form.no_subject,
+                        escape(sender),
+                        _escaped(why),
+                        f"{base_html}/r/{token}",
+                        f"{base_html}/r/{token}?allow=1",
+                    )
                 )
             )
             text.append(
-                (form.text if why else form.text_no_reason).format(
-                    date=date,
-                    subject=subject or form.no_subject,
-                    sender=sender,
-                    reason=why,
-                    release_url=f"{base}/r/{token}",
-                    allow_url=f"{base}/r/{token}?allow=1",
+                (form.text if why else form.text_no_reason).fill(
+                    (
+                        date,
+                        subject or form.no_subject,
+                        sender,
+                        why,
+                        f"{base}/r/{token}",
+                        f"{base}/r/{token}?allow=1",
+                    )
                 )
             )
         overview = f"{base}/l/{self._login({'m': to.mailbox_id, 'v': to.key_version})}"

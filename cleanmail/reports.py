@@ -15,6 +15,7 @@ twice, after ``CLAIM``, with the same Message-ID.
 
 from __future__ import annotations
 
+import itertools
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any
 from sqlalchemy import bindparam, delete, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from cleanmail import mailboxes, report_mail, report_senders
+from cleanmail import mailboxes, report_mail, report_senders, report_workers
 from cleanmail.config import Config
 from cleanmail.db import Database
 from cleanmail.models import Domain, Mailbox, Message, Report, ReportRun, ReportStatus, Status
@@ -260,11 +261,14 @@ def send_one(
     return False if pool.tally.failed else None
 
 
-def _ready(now: datetime) -> Any:
-    return select(Report.id).where(
+def _ready(now: datetime, run_id: int | None = None) -> Any:
+    query = select(Report.id).where(
         Report.status == ReportStatus.PENDING,
         or_(Report.next_attempt_at.is_(None), Report.next_attempt_at <= now),
     )
+    if run_id is not None:  # not the run's own: they are sent as they are prepared
+        query = query.where(or_(Report.run_id.is_(None), Report.run_id != run_id))
+    return query
 
 
 def send_pending(
@@ -276,32 +280,44 @@ def send_pending(
     limit: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     senders: int | None = None,
+    processes: int | None = None,
+    first: Iterator[list[int]] | None = None,
+    run_id: int | None = None,
+    expected: int = 0,
 ) -> tuple[int, int]:
-    """Send every pending report that is due for an attempt; (sent, failed)."""
+    """Send every pending report that is due for an attempt; (sent, failed).
+
+    ``first``: batches of report ids to send before the others (a run's, as it prepares
+    them, ``expected`` of them), which are then left out of the rest by their ``run_id``.
+    """
+    processes = processes or config.report_processes
+    ahead: list[list[int]] = []
+    for batch in first or ():  # enough to tell whether worker processes are worth starting
+        ahead.append(batch)
+        if sum(map(len, ahead)) >= report_workers.PROCESSES_FROM:
+            break
     total = 0
-    if progress is not None:
+    if progress is not None or processes > 1:
         with sessions() as session:
-            total = session.scalar(select(func.count()).select_from(_ready(now).subquery())) or 0
+            query = _ready(now, run_id).subquery()
+            total = session.scalar(select(func.count()).select_from(query)) or 0
+        total = total if limit is None else min(total, limit)
+    total += max(expected, sum(map(len, ahead)))
+    if progress is not None:
         progress(0, total)
+    senders = senders or config.report_senders
+    batches = itertools.chain(ahead, first or (), _pending_batches(sessions, now, limit, run_id))
+    if processes > 1 and total >= report_workers.PROCESSES_FROM and report_workers.usable(sessions):
+        told = None if progress is None else lambda done: progress(done, total)
+        return report_workers.send(
+            sessions, relay, config, now, batches,
+            processes=processes, senders=senders, rows=REPORT_ROWS, progress=told,
+        )  # fmt: skip
     renderer = report_mail.Renderer(config)
-    pool = report_senders.Senders(sessions, relay, now, senders or config.report_senders)
-    taken = last_id = 0
+    pool = report_senders.Senders(sessions, relay, now, senders)
     try:
-        while limit is None or taken < limit:
-            with sessions() as session:
-                query = _ready(now).where(Report.id > last_id).order_by(Report.id).limit(BATCH)
-                ids = session.scalars(query).all()
-            if not ids:
-                break
-            last_id = ids[-1]
-            ids = ids[: None if limit is None else limit - taken]
-            with sessions() as session:  # rendered here, claimed one by one when sent
-                addressees = report_mail.addressees(session, ids)
-                rows = report_mail.listed(session, ids, REPORT_ROWS)
-            taken += len(ids)
-            for to in addressees:
-                raw = renderer.render(to, rows.get(to.report_id, []))
-                pool.put(to.report_id, to.address, report_mail.message_id(to, config.hostname), raw)
+        for ids in batches:
+            report_workers.send_batch(sessions, renderer, pool, ids, REPORT_ROWS)
             if progress is not None:
                 progress(pool.tally.sent + pool.tally.failed, total)
     finally:
@@ -309,6 +325,23 @@ def send_pending(
     if progress is not None:
         progress(pool.tally.sent + pool.tally.failed, total)
     return pool.tally.sent, pool.tally.failed
+
+
+def _pending_batches(
+    sessions: sessionmaker[Session], now: datetime, limit: int | None, run_id: int | None = None
+) -> Iterator[list[int]]:
+    """The ids of the reports due for an attempt, a batch at a time (keyset), at most ``limit``."""
+    taken = last_id = 0
+    while limit is None or taken < limit:
+        with sessions() as session:
+            query = _ready(now, run_id).where(Report.id > last_id).order_by(Report.id).limit(BATCH)
+            ids = list(session.scalars(query).all())
+        if not ids:
+            return
+        last_id = ids[-1]
+        ids = ids[: None if limit is None else limit - taken]
+        taken += len(ids)
+        yield ids
 
 
 def run(
@@ -324,23 +357,46 @@ def run(
     progress: Callable[[int, int], None] | None = None,
     on_mailbox: Callable[[str, int], None] | None = None,
 ) -> RunResult:
-    """One pass: a report for each due mailbox, then send what is pending (dry run: count only)."""
+    """One pass: a report for each due mailbox, then send what is pending (dry run: count only).
+
+    The reports go out as they are prepared, a batch at a time, then those left from
+    earlier runs (retries, or a run that stopped half-way).
+    """
     if dry_run:
-        result = RunResult(run_id=None)
-        with database.sessions() as session:
-            for mailbox_id in due_mailboxes(
-                session, now, mailbox=mailbox, ignore_schedule=ignore_schedule
-            ):
-                address = session.get(Mailbox, mailbox_id).address  # type: ignore[union-attr]
-                result.prepared += 1
-                if on_mailbox is not None:
-                    on_mailbox(address, count_new(session, mailbox_id))
-        return result
+        return _dry_run(database, now, mailbox, ignore_schedule, on_mailbox)
     assert relay is not None, "a run that sends needs a relay"
     with database.session_scope(write=True) as session:
         report_run = ReportRun(started_at=now, trigger=trigger, node=socket.gethostname())
         session.add(report_run)
     result = RunResult(run_id=report_run.id)
+    expected = 0
+    if progress is not None:  # for the bar: at most this many (the schedule may leave some out)
+        with database.sessions() as session:
+            query = _candidates(mailbox).subquery()
+            expected = session.scalar(select(func.count()).select_from(query)) or 0
+    result.sent, result.failed = send_pending(
+        database.write_sessions, relay, config, now, progress=progress,
+        first=_prepared(database, report_run, now, mailbox, ignore_schedule, result, on_mailbox),
+        run_id=report_run.id, expected=expected,
+    )  # fmt: skip
+    with database.session_scope(write=True) as session:
+        stored = session.get(ReportRun, report_run.id)
+        assert stored is not None
+        stored.sent, stored.failed = result.sent, result.failed
+        stored.finished_at = datetime.now(UTC)
+    return result
+
+
+def _prepared(
+    database: Database,
+    report_run: ReportRun,
+    now: datetime,
+    mailbox: str | None,
+    ignore_schedule: bool,
+    result: RunResult,
+    on_mailbox: Callable[[str, int], None] | None,
+) -> Iterator[list[int]]:
+    """Prepare the reports of the due mailboxes a batch at a time (committed); their ids."""
     with database.sessions() as reader:
         for batch in due_batches(reader, now, mailbox=mailbox, ignore_schedule=ignore_schedule):
             with database.session_scope(write=True) as session:
@@ -353,14 +409,26 @@ def run(
             # End the read between batches: on SQLite one read held across a whole run
             # keeps the WAL from being checkpointed while millions of rows change.
             reader.rollback()
-    result.sent, result.failed = send_pending(
-        database.write_sessions, relay, config, now, progress=progress
-    )
-    with database.session_scope(write=True) as session:
-        stored = session.get(ReportRun, report_run.id)
-        assert stored is not None
-        stored.sent, stored.failed = result.sent, result.failed
-        stored.finished_at = datetime.now(UTC)
+            if prepared:
+                yield sorted(report_id for report_id, _count in prepared.values())
+
+
+def _dry_run(
+    database: Database,
+    now: datetime,
+    mailbox: str | None,
+    ignore_schedule: bool,
+    on_mailbox: Callable[[str, int], None] | None,
+) -> RunResult:
+    result = RunResult(run_id=None)
+    with database.sessions() as session:
+        for mailbox_id in due_mailboxes(
+            session, now, mailbox=mailbox, ignore_schedule=ignore_schedule
+        ):
+            address = session.get(Mailbox, mailbox_id).address  # type: ignore[union-attr]
+            result.prepared += 1
+            if on_mailbox is not None:
+                on_mailbox(address, count_new(session, mailbox_id))
     return result
 
 
