@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from babel import Locale
 from flask import Flask, g, request
 from flask_babel import Babel, get_locale, get_translations
 from flask_login import current_user
+from jinja2 import pass_context
+from jinja2.runtime import Context
+from markupsafe import Markup
 
 LANGUAGES = ("nb", "da", "en")
 DEFAULT = "nb"
@@ -15,12 +20,21 @@ DEFAULT = "nb"
 ALIASES = {"no": "nb", "nn": "nb", "nb": "nb", "da": "da", "en": "en"}
 
 
-def select_locale() -> str:
+def select_locale() -> Locale:
     """The language of this request."""
     if current_user and current_user.is_authenticated:
-        return current_user.language if current_user.language in LANGUAGES else DEFAULT
-    best = request.accept_languages.best_match(list(ALIASES))
-    return ALIASES.get(best or "", DEFAULT)
+        language = current_user.language if current_user.language in LANGUAGES else DEFAULT
+    else:
+        best = request.accept_languages.best_match(list(ALIASES))
+        language = ALIASES.get(best or "", DEFAULT)
+    return _locale(language)
+
+
+@lru_cache(maxsize=len(LANGUAGES))
+def _locale(language: str) -> Locale:
+    # Flask-Babel parses a returned name anew on each request, and Babel then checks
+    # the disk for the locale's data: a tenth of a millisecond per page.
+    return Locale.parse(language)
 
 
 def catalog() -> Any:
@@ -42,6 +56,19 @@ def catalog() -> Any:
     return translations
 
 
+@pass_context
+def template_gettext(context: Context, string: str, **variables: Any) -> str:
+    """A template's ``_()``: Jinja's newstyle gettext in one call instead of three.
+
+    A page has dozens of these; the same result as Jinja's own (``%`` formatting
+    always applied, Markup under autoescape).
+    """
+    text = catalog().ugettext(string)
+    if context.eval_ctx.autoescape:
+        text = Markup(text)  # noqa: S704 - the catalog's text, as Jinja's own gettext does
+    return text % variables
+
+
 def init_app(app: Flask, translations: Path) -> None:
     """Attach Flask-Babel with our catalogs."""
     app.config["BABEL_DEFAULT_LOCALE"] = DEFAULT
@@ -55,4 +82,5 @@ def init_app(app: Flask, translations: Path) -> None:
         npgettext=lambda c, s, p, n: catalog().unpgettext(c, s, p, n),
         newstyle=True,
     )
+    app.jinja_env.globals.update(_=template_gettext, gettext=template_gettext)
     app.context_processor(lambda: {"get_locale": get_locale})
