@@ -90,7 +90,9 @@ def hold(
             "client_address": origin.client_address,
             "client_helo": mime.clean_text(origin.client_helo or "", 255) or None,
         }
-        for item in holds
+        # In mailbox order: on PostgreSQL each row locks its mailbox's version (migration
+        # 0009) until the commit, and one order for every message means no deadlock.
+        for item in sorted(holds, key=lambda hold: hold.mailbox_id)
     ]
     if not rows:
         return []

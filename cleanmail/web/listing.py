@@ -1,4 +1,4 @@
-"""The quarantine list's rows: filled into a compiled row template, and kept once rendered.
+"""The quarantine list: its rows filled into a compiled row template, and its pages kept.
 
 The list is the page owners open most, 50 rows at a time, and Jinja, Babel and the ORM
 per row cost most of it. So ``quarantine/_row.html`` is rendered by Jinja once per
@@ -8,17 +8,26 @@ escaped here, as the template would have). A row's HTML depends only on the colu
 under all of exactly these (a bounded LRU per process): a message that is released,
 deleted or changed in any way reads back as another key, so no stale row is served and
 nothing needs to be told when a row changes, in this process or any other.
+
+Whole pages are kept too (``Pages``), under the mailbox's version that database
+triggers bump in the same transaction as any change to its listed messages (migration
+0009), read with the logged-in user before the page's own queries, and under everything
+else the page shows. The session's CSRF token is put in as a page is served.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from flask import render_template
+from flask import current_app, render_template, request, session
+from flask_babel import get_locale
 from flask_babel import gettext as _
 from markupsafe import Markup, escape
 
@@ -26,6 +35,7 @@ from cleanmail import quarantine, reasons
 from cleanmail.web import preview
 
 ROWS_KEPT = 5000  # rendered rows kept per process: 100 pages, a few MB
+PAGES_KEPT = 200  # whole list pages kept per process, about 45 kB each
 _MARK = "\ue000"  # a private-use character: no escaping changes it, no translation has it
 _FIELDS = ("id", "date", "name", "address", "subject", "size", "path")
 
@@ -40,6 +50,77 @@ def clear() -> None:
     """Forget every rendered row (tests, and a changed catalog)."""
     _row.cache_clear()
     _compiled.cache_clear()
+
+
+class Pages:
+    """Rendered pages under keys that cover all they show; the least recently used go first."""
+
+    def __init__(self, size: int = PAGES_KEPT) -> None:
+        self.size = size
+        self._pages: OrderedDict[Hashable, str] = OrderedDict()
+        self._lock = threading.Lock()
+        # Stands in for the session's CSRF token in a kept page: random, so that no
+        # message's text can contain it.
+        self.csrf_stand_in = secrets.token_urlsafe(24)
+
+    def get(self, key: Hashable) -> str | None:
+        """A kept page, or None."""
+        with self._lock:
+            page = self._pages.get(key)
+            if page is not None:
+                self._pages.move_to_end(key)
+            return page
+
+    def put(self, key: Hashable, page: str) -> None:
+        """Keep a page, forgetting the least recently used beyond the size."""
+        with self._lock:
+            self._pages[key] = page
+            self._pages.move_to_end(key)
+            while len(self._pages) > self.size:
+                self._pages.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._pages)
+
+
+def pages() -> Pages:
+    """This app's (this process's) kept list pages."""
+    return current_app.extensions.setdefault("cleanmail.list_pages", Pages())
+
+
+def page_key(user: Any) -> Hashable | None:
+    """What the list page at this request's address shows depends on; None: do not keep.
+
+    The mailbox's version stands for its messages (the rows and the count); the rest
+    is the owner, the language and time zone, and the address with its query string.
+    A page that shows a flashed message is neither kept nor served from the keep.
+    """
+    if user.version is None or "_flashes" in session:
+        return None
+    return (
+        user.mailbox_id,
+        user.version,
+        user.address,
+        user.role,
+        user.key_version,
+        str(get_locale()),
+        user.timezone,
+        request.script_root,
+        request.full_path,
+    )
+
+
+def kept_page(key: Hashable | None, csrf: Callable[[], str], render: Callable[[], str]) -> str:
+    """The page under ``key``, rendered and kept when missing; the session's token put in."""
+    if key is None:
+        return render()
+    keep = pages()
+    page = keep.get(key)
+    if page is not None:
+        return page.replace(keep.csrf_stand_in, csrf())
+    page = render()
+    keep.put(key, page.replace(csrf(), keep.csrf_stand_in))
+    return page
 
 
 @lru_cache(maxsize=ROWS_KEPT)

@@ -20,6 +20,7 @@ from flask import (
 from flask_babel import get_locale
 from flask_babel import gettext as _
 from flask_login import current_user, login_required
+from flask_wtf.csrf import generate_csrf
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import MultiDict
 
@@ -132,7 +133,11 @@ def parse_cursor(value: str | None) -> quarantine.Cursor | None:
 @bp.get("/")
 @login_required
 def index() -> str:
-    """The list of held messages, newest first, a page at a time."""
+    """The list of held messages, newest first, a page at a time (kept while unchanged)."""
+    return listing.kept_page(listing.page_key(current_user), generate_csrf, _render_index)
+
+
+def _render_index() -> str:
     session = web.session()
     tz = mailboxes.time_zone(current_user.timezone)
     form = ListForm.parse(request.args)

@@ -8,23 +8,28 @@ from typing import Any
 from flask import Flask, session
 from flask_babel import lazy_gettext as _l
 from flask_login import LoginManager, UserMixin, login_user
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, func, select
 
 from cleanmail import web
-from cleanmail.models import Mailbox
+from cleanmail.models import Mailbox, MailboxVersion
 
 login_manager = LoginManager()
 # Every request of a logged-in owner reads these few columns, built once (not the ORM row:
 # its loading cost a tenth of a small page).
-_BY_ID = select(
-    Mailbox.id,
-    Mailbox.address,
-    Mailbox.language,
-    Mailbox.role,
-    Mailbox.key_version,
-    Mailbox.timezone,
-    Mailbox.disabled,
-).where(Mailbox.id == bindparam("id"))
+_BY_ID = (
+    select(
+        Mailbox.id,
+        Mailbox.address,
+        Mailbox.language,
+        Mailbox.role,
+        Mailbox.key_version,
+        Mailbox.timezone,
+        Mailbox.disabled,
+        func.coalesce(MailboxVersion.version, 0).label("version"),
+    )
+    .outerjoin(MailboxVersion, MailboxVersion.mailbox_id == Mailbox.id)
+    .where(Mailbox.id == bindparam("id"))
+)
 
 
 class User(UserMixin):
@@ -38,6 +43,9 @@ class User(UserMixin):
         self.role = mailbox.role
         self.key_version = mailbox.key_version
         self.timezone = mailbox.timezone
+        # The version of the mailbox's messages as this request began (read with the
+        # user, before anything the page shows); None when not read.
+        self.version: int | None = getattr(mailbox, "version", None)
 
     def get_id(self) -> str:
         """Id and key version: bumping the version ends every session at once."""
