@@ -11,10 +11,10 @@ from zoneinfo import ZoneInfo
 import pytest
 from flask import render_template
 from flask_babel import gettext
-from sqlalchemy import update
+from sqlalchemy import event, update
 
-from cleanmail import audit, purge, quarantine, reasons
-from cleanmail.models import Mailbox, Message
+from cleanmail import audit, bulk, purge, quarantine, reasons, search, staff
+from cleanmail.models import Mailbox, MailboxVersion, Message
 from cleanmail.web import listing, preview
 from tests.conftest import hold_message, login_as
 from tests.messages import message
@@ -150,3 +150,91 @@ def test_rows_follow_the_owners_language_and_time_zone(client, ola, database, st
     page = client.get("/").get_data(as_text=True)
     assert "22.11.2026 04:00" in page and "Emnet er nesten bare store bokstaver" in page
     assert "The subject is mostly capital letters" not in page
+
+
+def version(database, mailbox_id) -> int:
+    with database.session_scope() as session:
+        found = session.get(MailboxVersion, mailbox_id)
+        return found.version if found else 0
+
+
+def test_every_change_to_listed_messages_bumps_the_mailbox_version(database, store, owner):
+    """The triggers of migration 0009, whatever code or tool writes the rows."""
+    seen = [version(database, owner.id)]
+
+    def bumped() -> bool:
+        seen.append(version(database, owner.id))
+        return seen[-1] > seen[-2]
+
+    first = hold_message(database, store, owner.id, message(subject="A"), at=T0)
+    assert bumped()
+    second = hold_message(database, store, owner.id, message(subject="B"), at=T0)
+    assert bumped()
+    changes = [
+        {"status": "released"},
+        {"release_error": "451 busy"},
+        {"subject": "changed"},
+        {"reasons": []},
+    ]
+    for values in changes:
+        with database.session_scope(write=True) as session:
+            session.execute(update(Message).where(Message.id == first).values(**values))
+        assert bumped(), values
+    with database.session_scope(write=True) as session:  # the report run's bookkeeping
+        session.execute(update(Message).where(Message.id == first).values(release_attempts=3))
+    assert not bumped()
+    with database.session_scope(write=True) as session:
+        session.execute(Message.__table__.delete().where(Message.id == second))
+    assert bumped()
+
+
+def test_a_kept_page_is_served_without_queries_with_each_sessions_token(
+    app, client, owner, database, store
+):
+    hold_message(database, store, owner.id, message(subject="Kept"), at=T0)
+    other = app.test_client()
+    other.environ_base["HTTP_ACCEPT_LANGUAGE"] = "en"
+    login_as(client, owner)
+    login_as(other, owner)
+    first = client.get("/").get_data(as_text=True)
+    statements: list[str] = []
+    engine = app.extensions["cleanmail.db"].engine
+    listen = lambda *args: statements.append(args[2])  # noqa: E731
+    event.listen(engine, "before_cursor_execute", listen)
+    try:
+        second = other.get("/").get_data(as_text=True)
+    finally:
+        event.remove(engine, "before_cursor_execute", listen)
+    assert not any("messages" in statement for statement in statements), statements
+    token = r'name="csrf_token" value="([^"]+)"'
+    assert re.findall(token, first)[0] != re.findall(token, second)[0]
+    assert re.sub(token, "", first) == re.sub(token, "", second)
+    (message_id,) = re.findall(r'name="ids" value="(\d+)"', second)
+    data = {"csrf_token": re.findall(token, second)[1], "action": "delete", "ids": message_id}
+    assert other.post("/messages/bulk", data=data).status_code == 302
+    assert "Your quarantine is empty" in client.get("/").get_data(as_text=True)
+
+
+def test_a_bulk_job_and_another_web_process_are_seen(app, client, ola, database, store, config):
+    from cleanmail.web import create_app
+
+    for n in range(3):
+        hold_message(database, store, ola.id, message(subject=f"B{n}"), at=T0 + timedelta(hours=n))
+    assert subjects(client) == ["B2", "B1", "B0"]
+    second = create_app(config)  # another web process: its own kept pages
+    try:
+        other = second.test_client()
+        login_as(other, ola)
+        assert subjects(other) == ["B2", "B1", "B0"]
+        page = other.get("/").get_data(as_text=True)
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+        b2 = re.search(r'href="/messages/(\d+)">B2<', page).group(1)
+        other.post(f"/messages/{b2}/delete", data={"csrf_token": csrf})
+        assert subjects(client) == ["B1", "B0"]
+    finally:
+        second.extensions["cleanmail.db"].dispose()
+    with database.session_scope(write=True) as session:
+        query = search.Query(recipient="ola@example.no", subject="B1")
+        job = bulk.create(session, staff.OPERATOR, audit.Actor("operator", "t"), "delete", query)
+    bulk.run(database, store, app.extensions["cleanmail.relay"], job.id)
+    assert subjects(client) == ["B0"]
