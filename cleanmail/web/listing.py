@@ -46,12 +46,6 @@ def render_rows(rows: Sequence[Any], language: str, zone: ZoneInfo, path: str) -
     return Markup("".join([_row(row, language, zone, path) for row in rows]))  # noqa: S704
 
 
-def clear() -> None:
-    """Forget every rendered row (tests, and a changed catalog)."""
-    _row.cache_clear()
-    _compiled.cache_clear()
-
-
 class Pages:
     """Rendered pages under keys that cover all they show; the least recently used go first."""
 
@@ -78,9 +72,6 @@ class Pages:
             self._pages.move_to_end(key)
             while len(self._pages) > self.size:
                 self._pages.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._pages)
 
 
 def pages() -> Pages:
