@@ -138,6 +138,7 @@ def index() -> str:
 
 
 def _render_index() -> str:
+    """The list page rendered from the database."""
     session = web.session()
     tz = mailboxes.time_zone(current_user.timezone)
     form = ListForm.parse(request.args)
