@@ -500,3 +500,15 @@ class ApiToken(Base):
     created_by: Mapped[str] = mapped_column(String(320), default="")
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class MailboxVersion(Base):
+    """A number that database triggers bump with every change to a mailbox's listed messages.
+
+    Migration 0009 keeps it; the web app keeps rendered list pages under it.
+    """
+
+    __tablename__ = "mailbox_versions"
+
+    mailbox_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")

@@ -56,7 +56,9 @@ def expire_batch(session: Session, store: Store, now: datetime, limit: int = BAT
         .with_for_update(skip_locked=True)
     )
     messages = list(session.scalars(query))
-    for message in messages:
+    # In mailbox order: each expiry locks its mailbox's version row (migration 0009), and
+    # the filter takes them in this order too, so neither waits on the other in a circle.
+    for message in sorted(messages, key=lambda message: message.mailbox_id):
         quarantine.expire(session, store, message)
     return len(messages)
 

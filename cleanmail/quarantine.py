@@ -6,10 +6,11 @@ import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import cast, exists, func, or_, select
+from sqlalchemy import String, Text, bindparam, cast, exists, func, or_, select, type_coerce
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
@@ -89,7 +90,9 @@ def hold(
             "client_address": origin.client_address,
             "client_helo": mime.clean_text(origin.client_helo or "", 255) or None,
         }
-        for item in holds
+        # In mailbox order: on PostgreSQL each row locks its mailbox's version (migration
+        # 0009) until the commit, and one order for every message means no deadlock.
+        for item in sorted(holds, key=lambda hold: hold.mailbox_id)
     ]
     if not rows:
         return []
@@ -332,11 +335,27 @@ class Criteria:
     until: datetime | None = None
 
 
+# What the owner's list shows of a message, plus its cursor. The time and the reasons come
+# as the driver gives them (text on SQLite): the web app decodes only the rows it has not
+# rendered before, and SQLAlchemy's type processing cost more than the rest of a row.
+LISTED = (
+    Message.id,
+    type_coerce(Message.received_at, String).label("received_at"),
+    Message.from_header,
+    Message.envelope_sender,
+    Message.subject,
+    cast(Message.reasons, Text).label("reasons"),
+    Message.size,
+    Message.status,
+    Message.release_error.is_not(None).label("release_failed"),
+)
+
+
 @dataclass(frozen=True)
 class Page:
-    """One page of a list, newest first, with the cursors of the pages around it."""
+    """One page of a list, newest first (rows of ``LISTED``), with the cursors around it."""
 
-    messages: list[Message]
+    messages: list[Any]
     newer: Cursor | None
     older: Cursor | None
 
@@ -353,49 +372,72 @@ def search(
     """One page of a mailbox's messages, newest first, before or after a cursor.
 
     Keyset pagination: each page is an index range scan from the cursor, so the
-    thousandth page costs what the first does.
+    thousandth page costs what the first does. Core rows through the session's
+    connection: the ORM's statement handling cost as much as the query.
     """
-    query = select(Message).where(*_conditions(session, mailbox_id, criteria))
-    if after is not None:
-        query = query.where(*_beyond(after, newer=True))
-        query = query.order_by(Message.received_at.asc(), Message.id.asc())
-        rows = list(session.scalars(query.limit(limit + 1)))
+    cursor = after or before
+    newer = after is not None
+    params: dict[str, Any] = {"mailbox": mailbox_id, "limit": limit + 1}
+    if cursor is not None:
+        params.update(at=cursor.received_at, id=cursor.id)
+    if criteria.since is not None:
+        params["since"] = criteria.since
+    if criteria.until is not None:
+        params["until"] = criteria.until
+    query = _page_query(
+        tuple(Status(status).value for status in criteria.statuses),
+        criteria.since is not None,
+        criteria.until is not None,
+        None if cursor is None else newer,
+    )
+    extra = _filters(session, criteria)
+    rows = session.connection().execute(query.where(*extra) if extra else query, params).all()
+    if newer:
         if not rows:
             return search(session, mailbox_id, criteria, limit=limit)
         more, rows = len(rows) > limit, rows[:limit][::-1]
         return Page(rows, _cursor(rows[0]) if more else None, _cursor(rows[-1]))
-    if before is not None:
-        query = query.where(*_beyond(before, newer=False))
-    query = query.order_by(Message.received_at.desc(), Message.id.desc())
-    rows = list(session.scalars(query.limit(limit + 1)))
     more, rows = len(rows) > limit, rows[:limit]
-    newer = _cursor(rows[0]) if before is not None and rows else None
-    return Page(rows, newer, _cursor(rows[-1]) if more else None)
+    newer_cursor = _cursor(rows[0]) if before is not None and rows else None
+    return Page(rows, newer_cursor, _cursor(rows[-1]) if more else None)
 
 
-def _cursor(message: Message) -> Cursor:
-    return Cursor(message.received_at, message.id)
+@lru_cache(maxsize=64)
+def _page_query(statuses: tuple[str, ...], since: bool, until: bool, newer: bool | None) -> Any:
+    """A page's statement without its search text and reason, built once per shape.
 
-
-def _beyond(cursor: Cursor, *, newer: bool) -> list[Any]:
-    """Rows past a cursor, written so that the index range on received_at is used."""
-    if newer:
-        return [
-            Message.received_at >= cursor.received_at,
-            (Message.received_at > cursor.received_at) | (Message.id > cursor.id),
-        ]
-    return [
-        Message.received_at <= cursor.received_at,
-        (Message.received_at < cursor.received_at) | (Message.id < cursor.id),
-    ]
-
-
-def _conditions(session: Session, mailbox_id: int, criteria: Criteria) -> list[Any]:
-    conditions: list[Any] = [Message.mailbox_id == mailbox_id]
-    statuses = [Status(status) for status in criteria.statuses]
+    Its values are parameters (``mailbox``, ``limit``, ``since``, ``until``, and the
+    cursor's ``at`` and ``id``): building and keying the statement anew for each
+    page cost more than running it.
+    """
+    conditions: list[Any] = [Message.mailbox_id == bindparam("mailbox")]
     conditions.append(
         Message.status == statuses[0] if len(statuses) == 1 else Message.status.in_(statuses)
     )
+    if since:
+        conditions.append(Message.received_at >= bindparam("since"))
+    if until:
+        conditions.append(Message.received_at < bindparam("until"))
+    at, ident = bindparam("at"), bindparam("id")
+    if newer is True:
+        conditions += [
+            Message.received_at >= at,
+            (Message.received_at > at) | (Message.id > ident),
+        ]
+        order = (Message.received_at.asc(), Message.id.asc())
+    else:
+        if newer is False:  # written so that the index range on received_at is used
+            conditions += [
+                Message.received_at <= at,
+                (Message.received_at < at) | (Message.id < ident),
+            ]
+        order = (Message.received_at.desc(), Message.id.desc())
+    return select(*LISTED).where(*conditions).order_by(*order).limit(bindparam("limit"))
+
+
+def _filters(session: Session, criteria: Criteria) -> list[Any]:
+    """The conditions for a search text and a reason, when given."""
+    conditions: list[Any] = []
     if criteria.text:
         escaped = criteria.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         pattern = f"%{escaped}%"
@@ -409,11 +451,18 @@ def _conditions(session: Session, mailbox_id: int, criteria: Criteria) -> list[A
         )
     if criteria.reason:
         conditions.append(has_reason(session, criteria.reason))
-    if criteria.since is not None:
-        conditions.append(Message.received_at >= criteria.since)
-    if criteria.until is not None:
-        conditions.append(Message.received_at < criteria.until)
     return conditions
+
+
+def _cursor(row: Any) -> Cursor:
+    return Cursor(received_time(row.received_at), row.id)
+
+
+def received_time(value: datetime | str) -> datetime:
+    """A listed row's arrival time, UTC-aware (SQLite gives naive UTC text)."""
+    if isinstance(value, str):
+        return datetime.fromisoformat(value).replace(tzinfo=UTC)
+    return value.astimezone(UTC)
 
 
 def has_reason(session: Session, code: str) -> Any:
@@ -426,9 +475,14 @@ def has_reason(session: Session, code: str) -> Any:
 
 def count_new(session: Session, mailbox_id: int) -> int:
     """How many messages of a mailbox wait in the quarantine (an index-only count)."""
-    query = select(func.count()).select_from(Message)
-    query = query.where(Message.mailbox_id == mailbox_id, Message.status == Status.NEW)
-    return session.scalar(query) or 0
+    return session.connection().scalar(_COUNT_NEW, {"mailbox": mailbox_id}) or 0
+
+
+_COUNT_NEW = (
+    select(func.count())
+    .select_from(Message)
+    .where(Message.mailbox_id == bindparam("mailbox"), Message.status == Status.NEW.value)
+)
 
 
 def owned(session: Session, mailbox_id: int, ids: Sequence[int]) -> list[Message]:

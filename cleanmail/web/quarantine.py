@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Any
 from zoneinfo import ZoneInfo
 
 from flask import (
@@ -18,14 +17,16 @@ from flask import (
     request,
     url_for,
 )
+from flask_babel import get_locale
 from flask_babel import gettext as _
 from flask_login import current_user, login_required
+from flask_wtf.csrf import generate_csrf
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import MultiDict
 
 from cleanmail import mailboxes, mime, quarantine, reasons, web
 from cleanmail.models import Mailbox, Message, Status
-from cleanmail.web import preview
+from cleanmail.web import listing, preview
 from cleanmail.web import quarantine_actions as actions
 
 MAX_ID = 2**63 - 1  # the largest id either database stores; larger ones are not ours
@@ -129,52 +130,33 @@ def parse_cursor(value: str | None) -> quarantine.Cursor | None:
         return None
 
 
-def _row(message: Message, tz: ZoneInfo, described: dict[tuple[str, str], str]) -> dict[str, Any]:
-    """What the list shows of one message (reasons translated once per page)."""
-    name, address = preview.sender(message.from_header, message.envelope_sender)
-    texts = []
-    for reason in reasons.top(message.reasons or []):
-        key = (str(reason.get("code")), str(reason.get("text")))
-        if key not in described:
-            described[key] = reasons.describe(reason)
-        texts.append(described[key])
-    return {
-        "id": message.id,
-        "date": preview.local_time(message.received_at, tz),
-        "name": name,
-        "address": address,
-        "subject": message.subject,
-        "reasons": texts,
-        "size": preview.human_size(message.size),
-        "status": message.status,
-        "release_error": message.release_error,
-    }
-
-
 @bp.get("/")
 @login_required
 def index() -> str:
-    """The list of held messages, newest first, a page at a time."""
+    """The list of held messages, newest first, a page at a time (kept while unchanged)."""
+    return listing.kept_page(listing.page_key(current_user), generate_csrf, _render_index)
+
+
+def _render_index() -> str:
+    """The list page rendered from the database."""
     session = web.session()
-    mailbox = owner_mailbox(session)
-    tz = mailboxes.time_zone(mailbox.timezone)
+    tz = mailboxes.time_zone(current_user.timezone)
     form = ListForm.parse(request.args)
-    described: dict[tuple[str, str], str] = {}
     page = quarantine.search(
         session,
-        mailbox.id,
+        current_user.mailbox_id,
         form.criteria(tz),
         before=parse_cursor(request.args.get("before")),
         after=parse_cursor(request.args.get("after")),
         limit=PAGE_SIZE,
     )
+    message_path = url_for("quarantine.message", message_id=0).removesuffix("0")
     return render_template(
         "quarantine/index.html",
         form=form,
         page=page,
-        rows=[_row(message, tz, described) for message in page.messages],
-        message_path=url_for("quarantine.message", message_id=0).removesuffix("0"),
-        new_count=quarantine.count_new(session, mailbox.id),
+        rows=listing.render_rows(page.messages, str(get_locale()), tz, message_path),
+        new_count=quarantine.count_new(session, current_user.mailbox_id),
         reason_codes=reasons.codes(),
         format_cursor=format_cursor,
         back=request.full_path,

@@ -124,7 +124,7 @@ def _save_settings(mailbox: Mailbox, chosen: dict[str, str]) -> None:
     if changes:
         audit.record(session, web.actor(), "settings.change", mailbox_id=mailbox.id, **changes)
     session.commit()
-    current_user.language = mailbox.language
+    current_user.language, current_user.timezone = mailbox.language, mailbox.timezone
     flask_babel.refresh()  # the confirmation below is already in the new language
     flash(_("Your settings are saved.") if changes else _("Nothing was changed."), "success")
 
