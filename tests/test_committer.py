@@ -11,7 +11,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from cleanmail import audit, mailboxes, mime, quarantine
-from cleanmail.filter.committer import Committer
+from cleanmail.filter.committer import Committer, _Work
 from cleanmail.models import Message
 from cleanmail.store import digest
 from tests.messages import GTUBE, message
@@ -172,3 +172,47 @@ def test_many_threads_without_coordination_all_commit(database, store, ola):
     with database.session_scope() as session:
         assert session.scalar(select(func.count()).select_from(Message)) == 40
     assert committer.batches <= 40
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_message_that_loses_a_deadlock_runs_again_alone(database, store, ola):
+    # Two filter processes (two committers), each with a batch of two messages for the
+    # same two mailboxes in opposite order: each batch's second message waits for the
+    # other's first mailbox. PostgreSQL fails one of them; it must still be stored.
+    with database.session_scope(write=True) as session:
+        kari = mailboxes.add_mailbox(session, ACTOR, "kari@example.no").id
+    meet = threading.Barrier(2, timeout=10)
+    raws = [message(subject=f"offer {n}") for n in range(4)]
+
+    def then_meet(work):
+        def run(session):
+            result = work(session)
+            meet.wait()  # both batches hold their first mailbox now
+            return result
+
+        return run
+
+    first = [
+        _Work(then_meet(holding(store, raws[0], ola)), "1"),
+        _Work(holding(store, raws[1], kari), "2"),
+    ]
+    second = [
+        _Work(then_meet(holding(store, raws[2], kari)), "1"),
+        _Work(holding(store, raws[3], ola), "2"),
+    ]
+    committers = [Committer(database), Committer(database)]
+    with ThreadPoolExecutor(2) as pool:
+        for done in [
+            pool.submit(c._commit, b) for c, b in zip(committers, [first, second], strict=True)
+        ]:
+            done.result()
+    assert [item.error for item in first + second] == [None] * 4
+    assert sorted(stored(database)) == sorted(
+        [
+            (ola, digest(raws[0])),
+            (kari, digest(raws[1])),
+            (kari, digest(raws[2])),
+            (ola, digest(raws[3])),
+        ]
+    )
+    assert sum(c.batches for c in committers) == 3  # the loser ran once more, alone

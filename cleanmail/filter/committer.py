@@ -3,7 +3,8 @@
 Every commit waits for the disk (SQLite fsyncs its log; PostgreSQL flushes its WAL), and
 on SQLite writers also take turns on one lock. So the first thread that has something to
 store runs one transaction for every thread waiting by then, each thread's work in its own
-savepoint, and hands the next batch to a thread that arrived meanwhile. Each thread gets
+savepoint, and hands the next batch to a thread that arrived meanwhile. A message that
+lost a deadlock on PostgreSQL runs again alone after its batch. Each thread gets
 its own result only once the shared commit succeeded, so the filter still answers 250 only
 for mail that is stored. A failed commit fails every message of the batch (each answers
 451); a failure in one message's statements rolls back that message alone.
@@ -21,6 +22,13 @@ from cleanmail.db import Database
 
 T = TypeVar("T")
 MOST = 64  # messages in one transaction: bounds how long one commit holds the write lock
+RETRIES = 2  # runs alone of a message whose batch lost a deadlock
+LOCK_CONFLICTS = {"40P01", "40001"}  # PostgreSQL: deadlock detected, serialization failure
+
+
+def lock_conflict(error: BaseException | None) -> bool:
+    """True for PostgreSQL's deadlock or serialization failure: worth running again."""
+    return getattr(getattr(error, "orig", None), "sqlstate", None) in LOCK_CONFLICTS
 
 
 class _Work(Generic[T]):
@@ -93,8 +101,19 @@ class Committer:
         return item.outcome()
 
     def _commit(self, batch: list[_Work[Any]]) -> None:
+        self._run_batch(sorted(batch, key=lambda w: w.key))
+        # Messages of one batch lock their mailboxes' version rows (and counters) in their
+        # own order, so two filter processes can deadlock on PostgreSQL, which then fails
+        # one side. That is no fault of the message: once the batch has ended, each such
+        # message runs again alone, where it has no other locks to hold against anyone.
+        for _try in range(RETRIES):
+            again = [item for item in batch if lock_conflict(item.error)]
+            for item in again:
+                item.error = None
+                self._run_batch([item])
+
+    def _run_batch(self, batch: list[_Work[Any]]) -> None:
         self.batches += 1
-        batch = sorted(batch, key=lambda w: w.key)
         try:
             with self.database.session_scope(write=True) as session:
                 if len(batch) == 1:
