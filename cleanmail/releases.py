@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, bindparam, select, update
+from sqlalchemy import Row, bindparam, select, text, update
 from sqlalchemy.orm import Session
 
 from cleanmail import audit, learning, logs, quarantine, stats
@@ -55,6 +55,13 @@ _RELEASED = (
         release_error=None,
         release_attempts=_MESSAGES.c.release_attempts + 1,
     )
+)
+# Marking a chunk released bumps each mailbox's list version (migration 0009), row by
+# row in no set order. Taken first and in mailbox order, those locks cannot deadlock
+# with the filter after messages went out, which would send the chunk again.
+_LOCK_VERSIONS = text(
+    "SELECT mailbox_id FROM mailbox_versions WHERE mailbox_id = ANY(:ids)"
+    " ORDER BY mailbox_id FOR UPDATE"
 )
 _REFUSED = (
     update(_MESSAGES)
@@ -193,6 +200,8 @@ def release_chunk(
         .with_for_update(of=_MESSAGES)
     )
     found = {row.id: row for row in rows}
+    if found and session.get_bind().dialect.name == "postgresql":
+        session.execute(_LOCK_VERSIONS, {"ids": sorted({r.mailbox_id for r in found.values()})})
     sent = senders.send_all(
         [found[message_id] for message_id in ids if message_id in found],
         actor,
