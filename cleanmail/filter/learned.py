@@ -28,7 +28,7 @@ from cleanmail.models import ClassifierModel
 
 log = logging.getLogger(__name__)
 
-POINTS_PER_LOGIT = 3.0
+POINTS_PER_LOGIT = 2.0
 MIN_POINTS, MAX_POINTS = -2.0, 8.0
 MIN_EXAMPLES = 10
 QUIET = 0.5  # fewer points than this are not worth a reason
