@@ -67,6 +67,7 @@ _FRAME = re.compile(r"<(?:i?frame|object|embed|applet)\b")
 _UPPER = bytes(range(65, 91)) + bytes(b for b in range(0xC0, 0xDF) if b != 0xD7)
 _BITCOIN = re.compile(r"\b(?:bc1[ac-hj-np-z02-9]{25,62}|[13][a-km-zA-HJ-NP-Z1-9]{25,34})\b")
 _BRAND_WORD = re.compile(r"[a-z0-9]+")
+_ANY_BRAND = re.compile("|".join(sorted(wording.BRANDS)))
 _HTML_FILE = (".htm", ".html", ".shtml", ".xhtml", ".svg")
 _ACTIVE_HTML = re.compile(
     r"<script\b|<form\b|http-equiv\s*=\s*[\"']?refresh|\bon(?:load|error)\s*=|location\.(?:href|replace)"
@@ -291,6 +292,8 @@ def brand_impersonation(view: View) -> bool:
     """A known brand named by the sender or a link host that is not the brand's own domain."""
     sender = mime.address_domain(view.message.from_address)
     name = view.message.from_header.rpartition("<")[0][:200].lower()
+    if not _ANY_BRAND.search(" ".join([name, sender, *view.hosts[:50]])):
+        return False  # the common case, without looking up registrable domains
     for brand in set(_BRAND_WORD.findall(name)) & wording.BRANDS.keys():
         if not owns(sender, brand):
             return True
@@ -310,6 +313,9 @@ def phishing_wording(view: View) -> bool:
 
 def bitcoin_extortion(view: View) -> bool:
     """A bitcoin address beside the wording of extortion (hacked, camera, contacts, police)."""
+    # Extortion names its currency; checking for that first spares the address search.
+    if " bitcoin" not in view.words and " btc " not in view.words:
+        return False
     if not _BITCOIN.search(view.body[:20000]):
         return False
     return len(wording.EXTORTION & set(view.words.split())) >= 3
