@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from cleanmail import audit, mailboxes, mime
 from cleanmail.config import Config
-from cleanmail.filter import engines, pipeline, rules
+from cleanmail.filter import engines, pipeline, rules, tokenizer
 from cleanmail.models import Message
 from tests.conftest import FilterProcess
 
@@ -118,3 +118,24 @@ def test_modern_mail_through_the_filter_process(filter_process, database, smtp_s
     expected = {message_id(raws[name]) for name, held_ in hold.items() if held_}
     assert sorted(stored) == sorted(expected)
     assert not expected & {message_id(raws[path.name]) for path in HAM}
+
+
+def tokens_of(raw: bytes) -> list[str]:
+    """The classifier's tokens for one raw message."""
+    return tokenizer.tokenize(mime.parse(raw))
+
+
+def test_tokenizer_reads_chinese_as_character_pairs() -> None:
+    raw = "Subject: x\nContent-Type: text/plain; charset=utf-8\n\n周末聚餐的事\n".encode()
+    found = tokens_of(raw)
+    assert {"周末", "末聚", "聚餐", "餐的", "的事"} <= set(found)
+    assert not [token for token in found if token.startswith("long:")]
+
+
+def test_tokenizer_ignores_the_usual_charsets_and_encodings() -> None:
+    head = "Subject: x\nContent-Type: text/plain; charset={}\nContent-Transfer-Encoding: {}\n\n"
+    usual = tokens_of((head.format("utf-8", "base64") + "aGVqIGhlaQ==\n").encode())
+    assert not [t for t in usual if t.startswith(("charset:", "cte:"))]
+    assert "cont:utf-8" not in usual and "cont:charset" not in usual
+    rare = tokens_of((head.format("koi8-r", "x-uuencode") + "hej hei\n").encode())
+    assert {"charset:koi8-r", "cte:x-uuencode"} <= set(rare)
