@@ -18,7 +18,8 @@ repeated ``--repeats`` times with differently salted folds):
   overstates the evidence. A rule that fires on fewer than ``MIN_EVIDENCE`` DEV
   messages keeps its hand-set score: this corpus says nothing about it. The ``WEAK``
   rules stay at 0.5 whatever DEV says: HTML-only mail, base64 text, forms, frames,
-  scripts and prices are everyday in today's newsletters and receipts, which a
+  scripts and prices are everyday in today's newsletters and receipts, and so is mail
+  to undisclosed recipients (a club or school writing to its members in Bcc), which a
   2002 corpus cannot show.
 
 Each point is judged by ``10 x ham FP rate + spam miss rate`` of the filter's verdict
@@ -64,7 +65,7 @@ RULES_FP_LIMIT = 0.005
 GROUP_MARGIN = 0.02
 MIN_EVIDENCE = 5
 WEAK = frozenset(
-    ("HTML_ONLY", "BASE64_TEXT", "HTML_SCRIPT", "HTML_FORM", "HTML_FRAME", "MONEY_AMOUNTS")
+    "HTML_ONLY BASE64_TEXT HTML_SCRIPT HTML_FORM HTML_FRAME MONEY_AMOUNTS TO_UNDISCLOSED".split()
 )
 GRID = {
     "step": (0.5, 1.0, 2.0),

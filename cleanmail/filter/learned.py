@@ -3,8 +3,8 @@
 Score scale: the model gives the log-odds that a message is spam; the engine adds
 ``POINTS_PER_LOGIT`` points per unit of log-odds, between ``MIN_POINTS`` and
 ``MAX_POINTS``, to the rules' points. So with the default quarantine threshold of 5,
-the classifier alone holds a message it thinks is spam with 96.5 % probability (log-odds
-3.3), adds nothing at 50 %, and takes up to 2 points off mail that looks like what
+the classifier alone holds a message it thinks is spam with 92.4 % probability (log-odds
+2.5), adds nothing at 50 %, and takes up to 2 points off mail that looks like what
 owners released. It never reaches a reject threshold above 8 on its own.
 ``POINTS_PER_LOGIT`` and ``MIN_POINTS`` were chosen by bench/tune.py on the corpus's
 DEV set only; ``MAX_POINTS`` cannot change a verdict at the default threshold.
@@ -29,7 +29,7 @@ from cleanmail.models import ClassifierModel
 
 log = logging.getLogger(__name__)
 
-POINTS_PER_LOGIT = 1.5
+POINTS_PER_LOGIT = 2.0
 MIN_POINTS, MAX_POINTS = -2.0, 8.0
 MIN_EXAMPLES = 10
 QUIET = 0.5  # fewer points than this are not worth a reason

@@ -25,6 +25,14 @@ MAX_HEADER_VALUE = 500
 # Words of letters and digits (any script), with inner dots, dashes and apostrophes:
 # "don't", "e-mail", "v1.2". Three or more characters: shorter words tell little.
 _WORD = re.compile(r"[^\W_](?:[\w'.-]{0,40}[^\W_])?")
+# Scripts written without spaces (Chinese, Japanese, Korean Hangul runs): a run is read as
+# overlapping pairs of characters, as search engines do, not as one over-long "word".
+_CJK_RUN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]{2,}")
+# What every mail program writes today says nothing about the mail: UTF-8 or ASCII text,
+# sent as it is, quoted-printable or base64. Only other charsets and encodings are clues.
+_USUAL_CHARSETS = frozenset(("utf-8", "utf8", "us-ascii", "ascii"))
+_USUAL_ENCODINGS = frozenset(("7bit", "8bit", "quoted-printable", "base64", "binary"))
+_CHARSET_PARAM = re.compile(r";\s*charset\s*=\s*\"?[\w.:-]{0,40}\"?", re.I)
 _TAG_NAME = re.compile(r"<([a-z][a-z0-9]{0,10})\b")
 _IP_HOST = re.compile(r"^[\d.]{7,15}$|^\d{8,10}$|^0x[0-9a-f]{8}$")
 _NINES = str.maketrans("012345678", "999999999")
@@ -51,8 +59,14 @@ def _words(text: str, prefix: str = "") -> list[str]:
 
     So prices, phone numbers and tracking ids of one shape are one token.
     """
-    words = _WORD.findall(text[:BODY_LIMIT].lower().translate(_NINES))
-    out = [prefix + word for word in words if 2 < len(word) <= MAX_WORD]
+    text = text[:BODY_LIMIT].lower().translate(_NINES)
+    out = []
+    if _CJK_RUN.search(text):
+        for run in _CJK_RUN.findall(text):
+            out += [prefix + run[i : i + 2] for i in range(len(run) - 1)]
+        text = _CJK_RUN.sub(" ", text)
+    words = _WORD.findall(text)
+    out += [prefix + word for word in words if 2 < len(word) <= MAX_WORD]
     out += [f"{prefix}long:{size}" for size in {len(w) // 10 for w in words if len(w) > MAX_WORD}]
     return out
 
@@ -63,6 +77,8 @@ def _headers(message: mime.ParsedMessage, view: rules.View) -> list[str]:
     out += [f"h:{name}" for name in dict.fromkeys(names)]
     for name in WORD_HEADERS:
         value = message.header(name)[:MAX_HEADER_VALUE]
+        if name == "content-type":
+            value = _CHARSET_PARAM.sub("", value)  # the charset is a clue of its own, below
         if value:
             out += _words(value, f"{name[:4]}:")
     sender = message.from_address
@@ -105,9 +121,9 @@ def _shape(message: mime.ParsedMessage, view: rules.View) -> list[str]:
     out = [f"part:{part.content_type[:60]}" for part in message.parts[:50]]
     for part in message.parts[:20]:
         charset = part.message.get_content_charset()
-        if charset:
+        if charset and charset not in _USUAL_CHARSETS:
             out.append(f"charset:{charset[:30]}")
-        if part.encoding:
+        if part.encoding and part.encoding not in _USUAL_ENCODINGS:
             out.append(f"cte:{part.encoding[:20]}")
     if view.html:
         lower = view.html_lower[:BODY_LIMIT]

@@ -83,3 +83,53 @@ FAMILY = {
 }
 # Words are joined by single spaces, so " (...)(?= )" only matches whole words.
 PHRASE = re.compile(" (" + trie(sorted(FAMILY)) + ")(?= )")
+
+# Brands that phishing imitates most here, each with the names of its own registrable
+# domains (without the suffix: "dhl" is dhl.com and dhl.de alike). Mail that names one
+# in its sender's name or domain, or links to a look-alike host, from another domain
+# impersonates it. Only names that are not everyday words ("outlook" is one).
+BRANDS: dict[str, frozenset[str]] = {
+    brand: frozenset(owners.split())
+    for brand, owners in {
+        "dnb": "dnb", "nordea": "nordea", "sparebank1": "sparebank1", "handelsbanken":
+        "handelsbanken", "danskebank": "danskebank", "bankid": "bankid", "vipps": "vipps",
+        "mobilepay": "mobilepay", "paypal": "paypal", "klarna": "klarna", "posten": "posten",
+        "postnord": "postnord", "dhl": "dhl dpdhl", "fedex": "fedex", "ups": "ups",
+        "microsoft": "microsoft office office365 outlook live microsoftonline sharepoint",
+        "office365": "microsoft office office365 outlook microsoftonline",
+        "sharepoint": "microsoft sharepoint",
+        "onedrive": "microsoft onedrive live", "apple": "apple icloud", "icloud": "apple icloud",
+        "netflix": "netflix", "amazon": "amazon", "google": "google", "metamask": "metamask",
+        "coinbase": "coinbase", "binance": "binance", "norton": "norton nortonlifelock",
+        "mcafee": "mcafee", "altinn": "altinn", "skatteetaten": "skatteetaten",
+        "helsenorge": "helsenorge", "telenor": "telenor", "telia": "telia",
+    }.items()
+}  # fmt: skip
+
+# Requests typical of phishing: confirm who you are, pay a small fee to get a parcel,
+# save an account or password that is about to be lost. Deliberately not the wording of
+# ordinary sign-up confirmations ("confirm your email") or password resets.
+PHISHING = re.compile(
+    " (?:"
+    "verify your (?:identity|wallet|payment|details|information)|"
+    "confirm your (?:identity|details|information|password|payment|delivery|wallet|address)|"
+    "update your (?:payment|billing) (?:details|information|method)|"
+    "(?:account|membership|mailbox|wallet|wallets|subscription) (?:has been|is|will be|are) "
+    "(?:temporarily )?(?:suspended|limited|restricted|on hold|deactivated|locked)|"
+    "password (?:expires|will expire|has expired)|keep (?:your )?current password|"
+    "recovery phrase|seed phrase|unusual (?:activity|sign in)|"
+    "(?:customs|delivery|redelivery|shipping) fee|reschedule (?:the )?delivery|"
+    "bekreft (?:identiteten|kontoen|adressen|opplysningene|betalingen|leveringen)|"
+    "kontoen (?:din )?(?:er|blir|vil bli) (?:midlertidig )?(?:stengt|sperret|begrenset)|"
+    "uvanlig aktivitet|betale et gebyr|passordet (?:ditt )?utløper|"
+    "bekræft (?:din|dit|dine|adressen|identiteten)|"
+    "kontoen (?:er|bliver) (?:midlertidigt )?(?:spærret|lukket|begrænset)|"
+    "betaling af told|adgangskoden udløber"
+    ")(?= )"
+)
+
+# Sextortion: a bitcoin address beside several of these words.
+EXTORTION = frozenset(
+    "hacker hacked malware trojan virus camera webcam recorded video videos adult porn "
+    "contacts police intimate embarrassing hacket kamera kontakter politiet".split()
+)
