@@ -12,6 +12,7 @@ import contextlib
 import gzip
 import hashlib
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session
 
 CHUNK = 1024 * 1024
 _PENDING = "cleanmail.store.discarded"
+_KEY = re.compile(r"[0-9a-f]{64}")
 
 
 class StoreError(Exception):
@@ -41,7 +43,7 @@ class Store:
 
     def path(self, sha256: str) -> Path:
         """The file that holds a message."""
-        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+        if _KEY.fullmatch(sha256) is None:
             raise StoreError(f"not a message key: {sha256!r}")
         return self.root / sha256[:2] / sha256[2:4] / f"{sha256}.eml.gz"
 

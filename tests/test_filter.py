@@ -303,3 +303,39 @@ def test_concurrent_sessions_are_each_stored_once(served, filter_server, smtp_si
     assert sorted(r.raw_sha256 for r in rows) == sorted(digest(raw) for raw in raws[:24])
     assert all(store.read(r.raw_sha256) == raws[int(r.subject.split()[1])] for r in rows)
     assert len(smtp_sink.wait_for(8)) == 8
+
+
+def test_idle_connections_time_out_and_busy_ones_do_not():
+    """The filter's one idle timer per connection: commands keep it open, silence closes it."""
+    import asyncio
+    import time
+
+    from cleanmail.filter.server import FilterSMTP
+
+    class Quiet:
+        """No hooks: aiosmtpd answers NOOP itself."""
+
+    async def scenario() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: FilterSMTP(Quiet(), hostname="filter.test", timeout=0.6), "127.0.0.1", 0
+        )
+        port = server.sockets[0].getsockname()[1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await reader.readline()  # the greeting
+            started = time.monotonic()
+            while time.monotonic() - started < 1.5:  # busy for well over the timeout
+                writer.write(b"NOOP\r\n")
+                assert (await reader.readline()).startswith(b"250")
+                last = time.monotonic()
+                await asyncio.sleep(0.2)
+            busy = time.monotonic() - started
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server
+            return busy, time.monotonic() - last
+        finally:
+            server.close()
+
+    busy, idle = asyncio.run(scenario())
+    assert busy >= 1.5
+    assert 0.5 <= idle < 5  # the timeout counts from the last command

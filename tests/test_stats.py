@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
+import re
 import smtplib
 import threading
 from datetime import UTC, datetime, timedelta
@@ -184,3 +186,43 @@ def test_log_events_carry_their_ids(fmt):
     else:
         assert "message_id=7" in line and "mailbox_id=3" in line
         assert 'actor="api:ops team"' in line
+
+
+@pytest.mark.parametrize("fmt", ["text", "keyvalue", "json"])
+def test_logged_events_keep_every_field_and_the_time_stamp(fmt):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.formatter(fmt))
+    logger = logging.getLogger("cleanmail.test_events")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        logs.event(
+            logger,
+            "message.checked",
+            size=5234,
+            seconds=0.012,
+            reply="250 2.0.0 Ok: 5234 bytes, pass",
+            ids=[1, 2],
+            ratio=float("nan"),
+            ok=True,
+        )
+        logs.event(logger, "not.logged", level=logging.DEBUG, size=1)
+    finally:
+        logger.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    line = lines[0]
+    if fmt == "json":
+        values = json.loads(line)
+        assert values["event"] == "message.checked" and values["size"] == 5234
+        assert values["seconds"] == 0.012 and values["ids"] == [1, 2] and values["ok"] is True
+        return
+    assert "event=message.checked size=5234 seconds=0.012" in line
+    assert 'reply="250 2.0.0 Ok: 5234 bytes, pass"' in line
+    assert 'ids="[1, 2]"' in line and "ratio=NaN" in line and "ok=true" in line
+    if fmt == "text":
+        # The classic time stamp, as logging's own formatter writes it.
+        stamp = " ".join(line.split()[:2])
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}", stamp)

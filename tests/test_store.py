@@ -32,9 +32,14 @@ def test_files_are_compressed_and_named_by_hash(tmp_path: Path) -> None:
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_bad_keys_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "key",
+    ["../../etc/passwd", "A" * 64, "a" * 63, "a" * 65, "a" * 64 + "\n", "g" * 64, "../" + "a" * 61],
+)
+def test_bad_keys_are_refused(tmp_path: Path, key: str) -> None:
     with pytest.raises(StoreError):
-        Store(tmp_path).path("../../etc/passwd")
+        Store(tmp_path).path(key)
+    assert Store(tmp_path).path(digest(b"x")).name == f"{digest(b'x')}.eml.gz"
 
 
 def test_a_store_that_cannot_be_written_raises_store_error(tmp_path: Path) -> None:
