@@ -141,7 +141,7 @@ class ParsedMessage:
     headers: Message = field(repr=False)
     parts: list[Part]
     defects: list[str]
-    # What the engines derive from the message alone (rules.View), computed once for all.
+    # What the engines derive from the message alone (filter.view.View), computed once for all.
     derived: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def header(self, name: str) -> str:

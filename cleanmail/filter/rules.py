@@ -7,37 +7,25 @@ links, headers and parts), every regex is linear, and a rule that fails is skipp
 from __future__ import annotations
 
 import email.utils
-import html
 import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import cached_property
-from typing import TypeVar
 
 from cleanmail import mime
 from cleanmail.filter import auth, engines, wording
+from cleanmail.filter.view import TEXT_LIMIT, View, other_site, url_host
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-TEXT_LIMIT = 100_000
-MAX_LINKS = 200
 GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 # Linear patterns only: classes stop at "<" or ">", every repeat is bounded.
-_TAG = re.compile(r"<[^<>]{0,4000}>")
-_INVISIBLE_OPEN = re.compile(r"<(script|style|title)\b|<!--")
-_A_OPEN = re.compile(r"<a\s[^<>]{0,2000}>", re.I)
-_HREF = re.compile(r"href\s*=\s*[\"']?\s*([^\"'\s<>]{1,2000})", re.I)
-_URL = re.compile(r"(?:https?://|www\.)[^\s<>\"'()]{1,2000}")  # on lower-cased text
-_HOST = re.compile(r"^[a-z][a-z0-9+.-]{0,20}://([^/?#\s\\]{1,500})", re.I)
 _SHOWN_URL = re.compile(
     r"^(?:https?://)?((?:[a-z0-9-]{1,63}\.){1,10}[a-z]{2,24})(?:[/:?#]\S*)?$", re.I
 )
 _IP_HOST = re.compile(r"^(?:\d{1,3}\.){3}\d{1,3}$|^\d{8,10}$|^0x[0-9a-f]{8}$", re.I)
-_WORD = re.compile(r"[^\W_]+")
 # Only currency signs: "250 kr" is everyday Norwegian and Danish, "$$$" offers are not.
 _MONEY = re.compile(r"[$€£]\s?\d")
 _RFC_DATE = re.compile(
@@ -52,9 +40,7 @@ _WEBMAIL_ID = re.compile(r"@(?:hotmail|msn|outlook|live)\.com>$")
 _SUBJECT_ID = re.compile(r"\s[-_#]?[a-z]{0,6}\d{5,}[a-z]{0,4}$", re.I)
 _FROM_NUMS = re.compile(r"[a-z][a-z._-]{0,60}\d{4,}@", re.I)
 _DISPLAY_ADDRESS = re.compile(r"[\w.+-]{1,64}@((?:[\w-]{1,63}\.){1,8}[a-z]{2,24})", re.I)
-_LOCAL_FROM = re.compile(r"\b(?:localhost|127\.0\.0\.1|::1)\b", re.I)
 _SINGLE_HEADERS = ("From", "Date", "Subject", "To")
-_FETCHED = re.compile(r"\bwith (?:imap|pop3?|lmtp)\b", re.I)
 # These run on the lower-cased HTML: case-insensitive matching is several times slower.
 _BIG_FONT = re.compile(r"<font[^<>]{0,300}size\s*=\s*[\"']?\s*(?:\+[3-7]|[5-7])")
 _HIDDEN = re.compile(
@@ -80,142 +66,6 @@ _DOUBLE_EXTENSION = re.compile(
     re.I,
 )
 _LOWER = bytes(range(97, 123)) + bytes(b for b in range(0xDF, 0x100) if b != 0xF7)
-
-
-def _of_message(compute: Callable[[View], T]) -> cached_property[T]:
-    """A view that depends on the message alone: shared by every View of that message.
-
-    The classifier's tokenizer builds its own View of the message the rules saw.
-    """
-    name = compute.__name__
-
-    def get(view: View) -> T:
-        cache = view.message.derived
-        try:
-            return cache[name]
-        except KeyError:
-            value = cache[name] = compute(view)
-            return value
-
-    get.__name__, get.__doc__ = name, compute.__doc__
-    return cached_property(get)
-
-
-@dataclass
-class View:
-    """Bounded, lazily computed views of one message that the rules share."""
-
-    message: mime.ParsedMessage
-    envelope: engines.Envelope
-    now: datetime
-
-    @cached_property
-    def arrival(self) -> datetime | None:
-        """When the message reached us: the newest Received header that is not a local hop."""
-        # Local hops (content filter re-injection, fetchmail, LMTP) can come long after arrival.
-        for value in (self.message.headers.get_all("Received") or [])[:10]:
-            value = " ".join(str(value)[:2000].split())
-            if _LOCAL_FROM.search(value.partition(" by ")[0]) or _FETCHED.search(value):
-                continue
-            try:
-                when = email.utils.parsedate_to_datetime(value.rpartition(";")[2].strip())
-            except (TypeError, ValueError, IndexError, OverflowError):
-                continue
-            return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
-        return None
-
-    @_of_message
-    def text(self) -> str:
-        return self.message.text_body[:TEXT_LIMIT]
-
-    @_of_message
-    def html(self) -> str:
-        return self.message.html_body[:TEXT_LIMIT]
-
-    @_of_message
-    def html_lower(self) -> str:
-        return self.html.lower()
-
-    @_of_message
-    def html_visible(self) -> str:
-        """The HTML's readable text: no tags, scripts, styles or comments."""
-        return " ".join(_unescape(_TAG.sub(" ", _drop_invisible(self.html))).split())
-
-    @_of_message
-    def body(self) -> str:
-        """The readable body: the plain text, or the visible HTML text when there is none."""
-        return self.text if self.text.strip() else self.html_visible
-
-    @_of_message
-    def words(self) -> str:
-        """Subject and body as lower-case words joined by single spaces, padded."""
-        return " " + " ".join(_WORD.findall(f"{self.message.subject}\n{self.body}".lower())) + " "
-
-    @_of_message
-    def phrases(self) -> dict[str, set[str]]:
-        """The typical spam phrases found in the subject and body, by family."""
-        found: dict[str, set[str]] = {}
-        for phrase in wording.PHRASE.findall(self.words):
-            found.setdefault(wording.FAMILY[phrase], set()).add(phrase)
-        return found
-
-    @_of_message
-    def links(self) -> list[tuple[str, str]]:
-        """(href, visible anchor text) pairs from the HTML, then bare URLs from the text."""
-        found: list[tuple[str, str]] = []
-        for match in _A_OPEN.finditer(self.html):
-            href = _HREF.search(match.group(0))
-            if href:
-                end = self.html.find("</a", match.end(), match.end() + 1000)
-                label = self.html[match.end() : end] if end >= 0 else ""
-                label = " ".join(_unescape(_TAG.sub(" ", label)).split())
-                found.append((_unescape(href.group(1)), label))
-            if len(found) >= MAX_LINKS:
-                return found
-        for match in _URL.finditer(self.text.lower()):
-            found.append((match.group(0), ""))
-            if len(found) >= MAX_LINKS:
-                break
-        return found
-
-    @_of_message
-    def hosts(self) -> list[str]:
-        return [host for href, _ in self.links if (host := url_host(href))]
-
-
-def _unescape(text: str) -> str:
-    return html.unescape(text) if "&" in text else text
-
-
-def _drop_invisible(text: str) -> str:
-    """Cut scripts, styles, titles and comments; an unclosed one hides the rest."""
-    lower = text.lower()
-    if len(lower) != len(text):  # a few characters grow when lower-cased; keep offsets aligned
-        lower = text
-    out, pos = [], 0
-    while match := _INVISIBLE_OPEN.search(lower, pos):
-        out.append(text[pos : match.start()])
-        closer = "-->" if match.group(0) == "<!--" else f"</{match.group(1)}"
-        end = lower.find(closer, match.end())
-        if end < 0:
-            return "".join(out)
-        pos = end + len(closer)
-    out.append(text[pos:])
-    return "".join(out)
-
-
-def url_host(url: str) -> str:
-    """The lower-case host of a URL (``www.`` URLs without a scheme too), or ``""``."""
-    url = url.strip()
-    if url[:4].lower() == "www.":
-        url = "http://" + url
-    match = _HOST.match(url)
-    return match.group(1).rpartition("@")[2].partition(":")[0].lower().rstrip(".") if match else ""
-
-
-def other_site(shown: str, actual: str) -> bool:
-    """True when two host names belong to different registrable domains."""
-    return auth.organizational_domain(shown) != auth.organizational_domain(actual)
 
 
 def caps_ratio(text: str, minimum: int) -> float:

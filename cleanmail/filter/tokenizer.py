@@ -14,7 +14,8 @@ import re
 from datetime import UTC, datetime
 
 from cleanmail import mime
-from cleanmail.filter import engines, rules
+from cleanmail.filter import engines
+from cleanmail.filter.view import View
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ _CLOCK_FIXED = datetime(2000, 1, 1, tzinfo=UTC)
 
 def tokenize(message: mime.ParsedMessage) -> list[str]:
     """The message's distinct tokens, in a stable order; never raises on odd input."""
-    view = rules.View(message, _EMPTY, _CLOCK_FIXED)
+    view = View(message, _EMPTY, _CLOCK_FIXED)
     found: list[str] = []
     for source in (_headers, _body, _links, _shape):
         try:
@@ -71,7 +72,7 @@ def _words(text: str, prefix: str = "") -> list[str]:
     return out
 
 
-def _headers(message: mime.ParsedMessage, view: rules.View) -> list[str]:
+def _headers(message: mime.ParsedMessage, view: View) -> list[str]:
     out = []
     names = [str(name).lower()[:40] for name in message.headers.keys()[:200]]
     out += [f"h:{name}" for name in dict.fromkeys(names)]
@@ -95,7 +96,7 @@ def _headers(message: mime.ParsedMessage, view: rules.View) -> list[str]:
     return out
 
 
-def _body(message: mime.ParsedMessage, view: rules.View) -> list[str]:
+def _body(message: mime.ParsedMessage, view: View) -> list[str]:
     text = view.text[:BODY_LIMIT]
     out = _words(text)
     if view.html:
@@ -103,7 +104,7 @@ def _body(message: mime.ParsedMessage, view: rules.View) -> list[str]:
     return out
 
 
-def _links(message: mime.ParsedMessage, view: rules.View) -> list[str]:
+def _links(message: mime.ParsedMessage, view: View) -> list[str]:
     out = []
     for host in view.hosts[:50]:
         host = host.lower().rstrip(".")[:100]
@@ -117,7 +118,7 @@ def _links(message: mime.ParsedMessage, view: rules.View) -> list[str]:
     return out
 
 
-def _shape(message: mime.ParsedMessage, view: rules.View) -> list[str]:
+def _shape(message: mime.ParsedMessage, view: View) -> list[str]:
     out = [f"part:{part.content_type[:60]}" for part in message.parts[:50]]
     for part in message.parts[:20]:
         charset = part.message.get_content_charset()
