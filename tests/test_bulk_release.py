@@ -63,19 +63,28 @@ def _release_ids(messages) -> collections.Counter[int]:
     return seen
 
 
-def test_a_job_killed_mid_chunk_resumes_and_releases_everything(database, store, config, smtp_sink):
-    ids = _hold(database, store, 260)
-    # The sink stalls on the 150th message: the job is then in the middle of a chunk,
-    # with messages relayed (250) but not yet marked released.
+def stall_sink_at(smtp_sink, count, seconds):
+    """Make the sink hold its ``count``-th message (up to ``seconds``) until ``unstall``.
+
+    Returns (stall, unstall): ``stall`` is set once that message is in.
+    """
     arrived, stall, unstall = [0], threading.Event(), threading.Event()
 
     def gate(_received):
         arrived[0] += 1
-        if arrived[0] == 150:
+        if arrived[0] == count:
             stall.set()
-            unstall.wait(60)
+            unstall.wait(seconds)
 
     smtp_sink.on_message = gate
+    return stall, unstall
+
+
+def test_a_job_killed_mid_chunk_resumes_and_releases_everything(database, store, config, smtp_sink):
+    ids = _hold(database, store, 260)
+    # The sink stalls on the 150th message: the job is then in the middle of a chunk,
+    # with messages relayed (250) but not yet marked released.
+    stall, unstall = stall_sink_at(smtp_sink, 150, 60)
     command = [sys.executable, "-m", "cleanmail", "release", "--sender", SENDER, "--yes"]
     process = subprocess.Popen(
         command,
@@ -182,15 +191,7 @@ def test_a_release_during_a_chunk_waits_for_it_and_delivers_once(
     database, store, config, smtp_sink
 ):
     ids = _hold(database, store, 10)
-    arrived, stall, unstall = [0], threading.Event(), threading.Event()
-
-    def gate(_received):
-        arrived[0] += 1
-        if arrived[0] == 5:
-            stall.set()
-            unstall.wait(30)
-
-    smtp_sink.on_message = gate
+    stall, unstall = stall_sink_at(smtp_sink, 5, 30)
     with database.session_scope(write=True) as session:
         job_id = bulk.create(
             session, staff.OPERATOR, ACTOR, "release", search.Query(sender=SENDER)
