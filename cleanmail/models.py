@@ -512,3 +512,12 @@ class MailboxVersion(Base):
 
     mailbox_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     version: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class EndedSession(Base):
+    """A login session ended by logging out: a copy of its cookie logs nobody in."""
+
+    __tablename__ = "ended_sessions"
+
+    sid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ended_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

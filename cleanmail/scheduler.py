@@ -26,7 +26,7 @@ from apscheduler.schedulers.base import STATE_STOPPED
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy.engine import make_url
 
-from cleanmail import db, feedback, learning, purge
+from cleanmail import db, feedback, learning, logins, purge, ratelimit
 from cleanmail.config import Config
 from cleanmail.filter import daemon
 from cleanmail.models import utcnow
@@ -34,6 +34,7 @@ from cleanmail.relay import Relay
 from cleanmail.store import Store
 
 log = logging.getLogger(__name__)
+RATE_LIMITS_KEPT = timedelta(days=1)  # the longest limit counts an hour
 
 JOBS_TABLE = "scheduler_jobs"
 LOCK_KEY = 0x436C65616E6D6C01  # "Cleanml" + 1: the PostgreSQL advisory lock of the leader
@@ -89,11 +90,15 @@ def reports_job() -> None:
 
 
 def purge_job() -> None:
-    """Expire messages past their retention and sweep unreferenced files."""
+    """Expire messages past their retention, sweep unreferenced files and old login records."""
     runtime = _current()
-    result = purge.run(runtime.database, Store(runtime.config.store_dir), utcnow())
+    now = utcnow()
+    result = purge.run(runtime.database, Store(runtime.config.store_dir), now)
     if result.expired or result.orphans:
         log.info("purge: %d messages expired, %d files removed", result.expired, result.orphans)
+    with runtime.database.session_scope(write=True) as session:
+        logins.purge(session, now)  # ended sessions whose cookies expired anyway
+        ratelimit.purge(session, RATE_LIMITS_KEPT)
 
 
 def bulk_job() -> None:

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 from sqlalchemy import select
 
-from cleanmail import passwords, totp
+from cleanmail import logins, passwords, quarantine, scheduler, totp
 from cleanmail.cli import cli, links  # noqa: F401 - registers the command
-from cleanmail.models import AuditEvent, Mailbox, RateLimit
+from cleanmail.models import AuditEvent, EndedSession, Mailbox, RateLimit
 from cleanmail.web import auth
 from tests.conftest import FilterProcess
 
@@ -359,6 +359,38 @@ def test_logout(app, client, owner):
     assert response.status_code == 303 and response.headers["Location"] == "/login"
     assert "logged out" in client.get("/login").get_data(as_text=True)
     assert not logged_in(client)
+
+
+def test_logout_ends_a_copied_cookie_but_not_other_sessions(app, client, owner, database):
+    client.get(link_path(app, owner))
+    copied = client.get_cookie("cleanmail_session").value
+    other = app.test_client()  # the owner's other browser
+    other.get(link_path(app, owner))
+    assert logged_in(client) and logged_in(other)
+    post(client, "/logout", "/l/x")
+    thief = app.test_client()
+    thief.set_cookie("cleanmail_session", copied)
+    assert not logged_in(thief)
+    assert logged_in(other)
+    with database.session_scope() as session:
+        assert len(session.scalars(select(EndedSession)).all()) == 1
+
+
+def test_the_purge_job_forgets_old_ended_sessions_and_rate_limits(config, database, monkeypatch):
+    now = quarantine.utcnow()
+    with database.session_scope(write=True) as session:
+        logins.end(session, "long-expired")
+        logins.end(session, "still-valid")
+        session.flush()
+        old = session.get(EndedSession, "long-expired")
+        old.ended_at = now - logins.LIFETIME - timedelta(hours=2)
+        session.add(RateLimit(key="old", window_start=now - timedelta(days=2), count=3))
+        session.add(RateLimit(key="current", window_start=now, count=1))
+    monkeypatch.setattr(scheduler, "_runtime", scheduler.Runtime(config, database))
+    scheduler.purge_job()
+    with database.session_scope() as session:
+        assert session.scalars(select(EndedSession.sid)).all() == ["still-valid"]
+        assert session.scalars(select(RateLimit.key)).all() == ["current"]
 
 
 def test_pages_are_accessible_forms(client):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -11,7 +10,7 @@ from flask_wtf.csrf import CSRFProtect
 from sqlalchemy.orm import Session
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from cleanmail import audit, db
+from cleanmail import audit, db, logins
 from cleanmail import config as config_module
 from cleanmail.relay import Relay
 from cleanmail.store import Store
@@ -36,7 +35,7 @@ def create_app(config: config_module.Config | None = None) -> Flask:
         SESSION_COOKIE_SECURE=secure,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
-        PERMANENT_SESSION_LIFETIME=timedelta(hours=12),
+        PERMANENT_SESSION_LIFETIME=logins.LIFETIME,
         PREFERRED_URL_SCHEME="https" if secure else "http",
         WTF_CSRF_TIME_LIMIT=None,  # tied to the session: a page left open on a phone still works
         MAX_CONTENT_LENGTH=1024 * 1024,

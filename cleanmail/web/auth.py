@@ -22,6 +22,7 @@ from werkzeug.wrappers import Response
 
 from cleanmail import (
     audit,
+    logins,
     mailboxes,
     mailer,
     mime,
@@ -376,6 +377,9 @@ def login_totp() -> Response | tuple[str, int] | str:
 def logout() -> Response:
     """Log out of this browser."""
     message = _("You have logged out.")  # in the owner's language, while still known
+    if sid := flask.session.get("sid"):
+        logins.end(web.session(), str(sid))  # a copy of this cookie ends here too
+        web.session().commit()
     logout_user()
     flask.session.clear()
     flash(message, "success")

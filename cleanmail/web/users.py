@@ -1,4 +1,8 @@
-"""Who is logged in: Flask-Login over mailbox rows, revoked by the mailbox's key version."""
+"""Who is logged in: Flask-Login over mailbox rows.
+
+A mailbox's key version ends all its sessions at once; logging out ends one, copies of
+its cookie included (``cleanmail.logins``).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,10 @@ from typing import Any
 from flask import Flask, session
 from flask_babel import lazy_gettext as _l
 from flask_login import LoginManager, UserMixin, login_user
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, exists, func, select
 
-from cleanmail import web
-from cleanmail.models import Mailbox, MailboxVersion
+from cleanmail import logins, web
+from cleanmail.models import EndedSession, Mailbox, MailboxVersion
 
 login_manager = LoginManager()
 # Every request of a logged-in owner reads these few columns, built once (not the ORM row:
@@ -26,6 +30,7 @@ _BY_ID = (
         Mailbox.timezone,
         Mailbox.disabled,
         func.coalesce(MailboxVersion.version, 0).label("version"),
+        exists().where(EndedSession.sid == bindparam("sid")).label("ended"),
     )
     .outerjoin(MailboxVersion, MailboxVersion.mailbox_id == Mailbox.id)
     .where(Mailbox.id == bindparam("id"))
@@ -58,8 +63,14 @@ def load_user(user_id: str) -> User | None:
     mailbox_id, _dot, version = user_id.partition(".")
     if not (mailbox_id.isdigit() and version.isdigit()):
         return None
-    mailbox = web.session().connection().execute(_BY_ID, {"id": int(mailbox_id)}).first()
+    # Sessions from before session ids have none ("" is never recorded as ended).
+    sid = str(session.get("sid", ""))
+    mailbox = (
+        web.session().connection().execute(_BY_ID, {"id": int(mailbox_id), "sid": sid}).first()
+    )
     if mailbox is None or mailbox.disabled or mailbox.key_version != int(version):
+        return None
+    if mailbox.ended:  # logged out: this is a copy of an ended session's cookie
         return None
     return User(mailbox)
 
@@ -70,6 +81,7 @@ def log_in(mailbox: Mailbox, method: str) -> None:
     session.permanent = True
     login_user(User(mailbox))
     session["login_method"] = method
+    session["sid"] = logins.new_id()
     mailbox.last_login_at = datetime.now(UTC)
 
 
