@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import func, literal_column, or_, select, text
 from sqlalchemy.orm import Session
 
-from cleanmail import mailboxes, quarantine
+from cleanmail import mailboxes, quarantine_list
 from cleanmail.models import Domain, Mailbox, Message, Status
 from cleanmail.staff import Access
 
@@ -212,7 +212,7 @@ def conditions(session: Session, access: Access, query: Query) -> list[Any]:
     if words:
         found.append(_subject(session, words))
     if query.reason:
-        found.append(quarantine.has_reason(session, query.reason))
+        found.append(quarantine_list.has_reason(session, query.reason))
     if query.statuses:
         statuses = [Status(status) for status in query.statuses]
         found.append(Message.status.in_(statuses))

@@ -251,7 +251,10 @@ def test_serve_names_the_setting_of_a_port_that_is_taken(tmp_path, setting):
         env[setting] = f"127.0.0.1:{taken.getsockname()[1]}"
         done = subprocess.run(
             [sys.executable, "-m", "cleanmail", "serve"],
-            env=env, capture_output=True, text=True, timeout=60,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     assert done.returncode == 2
     assert done.stderr.startswith(f"cleanmail: error: {setting}: cannot listen on")

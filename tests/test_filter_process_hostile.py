@@ -51,8 +51,12 @@ def attachment(name: bytes, data: bytes, ctype: bytes) -> bytes:
     """A base64 attachment part."""
     encoded = base64.encodebytes(data).replace(b"\n", b"\r\n")
     return (
-        b"Content-Type: " + ctype + b"; name=" + name
-        + b"\r\nContent-Transfer-Encoding: base64\r\n\r\n" + encoded
+        b"Content-Type: "
+        + ctype
+        + b"; name="
+        + name
+        + b"\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + encoded
     )
 
 
@@ -77,11 +81,15 @@ HOSTILE = {
     "headers-100000": HEAD + b"".join(b"X-H%d: v\r\n" % n for n in range(100000)) + b"\r\nx\r\n",
     # The email package reads parameters in quadratic time: 0.5 MB of them took 6 s.
     "content-type-params": HEAD
-    + b"Content-Type: text/plain; " + b"a=b; " * 180000 + b"\r\n\r\nx\r\n",
+    + b"Content-Type: text/plain; "
+    + b"a=b; " * 180000
+    + b"\r\n\r\nx\r\n",
     "disposition-params": HEAD + b"Content-Type: application/octet-stream\r\n"
     b"Content-Disposition: attachment; " + b"a=b; " * 180000 + b"\r\n\r\nx\r\n",
-    "rfc2231-continuations": HEAD + b"Content-Type: application/octet-stream; "
-    + b"".join(b"name*%d=a; " % n for n in range(60000)) + b"\r\n\r\nx\r\n",
+    "rfc2231-continuations": HEAD
+    + b"Content-Type: application/octet-stream; "
+    + b"".join(b"name*%d=a; " % n for n in range(60000))
+    + b"\r\n\r\nx\r\n",
     "base64-garbage": HEAD + b"Content-Transfer-Encoding: base64\r\n\r\n" + b"!*=" * 200000,
     "qp-garbage": HEAD + b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + b"=Z=\r\n" * 9999,
     "broken-boundary": HEAD + b'Content-Type: multipart/mixed; boundary=""\r\n\r\n--\r\nx\r\n',
@@ -111,9 +119,20 @@ def trained_filter(config, database, tmp_path: Path):
         )
     process = FilterProcess(config)
     subprocess.run(
-        [sys.executable, "-m", "cleanmail", "engine", "train",
-         "--ham", str(folders["ham"]), "--spam", str(folders["spam"])],
-        env=process.environment(), check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "cleanmail",
+            "engine",
+            "train",
+            "--ham",
+            str(folders["ham"]),
+            "--spam",
+            str(folders["spam"]),
+        ],
+        env=process.environment(),
+        check=True,
+        capture_output=True,
     )
     config.store_dir.mkdir(parents=True, exist_ok=True)
     process.start()
@@ -144,7 +163,8 @@ def test_hostile_messages_are_answered_quickly_by_the_filter_process(trained_fil
 GTUBE_MAIL = b"Subject: x\r\n\r\n" + GTUBE.encode() + b"\r\n"
 ENVELOPES = {
     "smtputf8": (
-        b"MAIL FROM:<send\xc3\xa9r@ex\xc3\xa4mple.com> SMTPUTF8", b"\xc3\xa6\xc3\xb8@example.no"
+        b"MAIL FROM:<send\xc3\xa9r@ex\xc3\xa4mple.com> SMTPUTF8",
+        b"\xc3\xa6\xc3\xb8@example.no",
     ),
     "nul-in-sender": (b"MAIL FROM:<a\x00b@example.com>", b"ola@example.no"),
     "8bit-sender-without-smtputf8": (b"MAIL FROM:<\xff\xfe@example.com>", b"ola@example.no"),
@@ -155,8 +175,11 @@ ENVELOPES = {
 def test_hostile_envelopes_are_held_in_the_recipients_mailbox(trained_filter, database):
     port = trained_filter.config.filter_listen.port
     replies = {
-        name: raw_session(port, [b"EHLO mx", mail_from, b"RCPT TO:<" + rcpt + b">", b"DATA"],
-                          b"X-Case: " + name.encode() + b"\r\n" + GTUBE_MAIL)[-1][:3]
+        name: raw_session(
+            port,
+            [b"EHLO mx", mail_from, b"RCPT TO:<" + rcpt + b">", b"DATA"],
+            b"X-Case: " + name.encode() + b"\r\n" + GTUBE_MAIL,
+        )[-1][:3]
         for name, (mail_from, rcpt) in ENVELOPES.items()
     }
     assert replies == dict.fromkeys(ENVELOPES, b"250")
@@ -165,7 +188,10 @@ def test_hostile_envelopes_are_held_in_the_recipients_mailbox(trained_filter, da
             select(Mailbox.address, Message.envelope_sender).join(Message.mailbox)
         ).all()
     assert sorted(address for address, _sender in held) == [
-        "ola@example.no", "ola@example.no", "ola@example.no", "æø@example.no"
+        "ola@example.no",
+        "ola@example.no",
+        "ola@example.no",
+        "æø@example.no",
     ]
     # Stored without NUL (PostgreSQL refuses it) and without lone surrogates.
     for _address, sender in held:

@@ -13,14 +13,14 @@ from flask import render_template
 from flask_babel import gettext
 from sqlalchemy import event, update
 
-from cleanmail import audit, bulk, purge, quarantine, reasons, search, staff
+from cleanmail import audit, bulk, purge, quarantine, quarantine_list, reasons, search, staff
 from cleanmail.models import Mailbox, MailboxVersion, Message
 from cleanmail.web import listing, preview
 from tests.conftest import hold_message, login_as
 from tests.messages import message
 
 T0 = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)
-Listed = namedtuple("Listed", [column.name for column in quarantine.LISTED])
+Listed = namedtuple("Listed", [column.name for column in quarantine_list.LISTED])
 HOSTILE = "<script>alert(1)</script> {id} {0} %(num)s %% & \"'"
 WHY = [
     {"code": "SUBJECT_CAPS", "text": "the subject is mostly capital letters", "score": 1.0},
@@ -35,7 +35,7 @@ def jinja_row(row, zone) -> str:
     return render_template(
         "quarantine/_row.html",
         id=row.id,
-        date=preview.local_time(quarantine.received_time(row.received_at), zone),
+        date=preview.local_time(quarantine_list.received_time(row.received_at), zone),
         name=name,
         address=address or gettext("(no sender address)"),
         subject=row.subject or gettext("(no subject)"),

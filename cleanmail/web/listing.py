@@ -4,7 +4,7 @@ The list is the page owners open most, 50 rows at a time, and Jinja, Babel and t
 per row cost most of it. So ``quarantine/_row.html`` is rendered by Jinja once per
 language and shape with stand-ins, and filled in per row with ``str.format`` (values
 escaped here, as the template would have). A row's HTML depends only on the columns in
-``quarantine.LISTED``, the language, the time zone and the path prefix, and it is kept
+``quarantine_list.LISTED``, the language, the time zone and the path prefix, and it is kept
 under all of exactly these (a bounded LRU per process): a message that is released,
 deleted or changed in any way reads back as another key, so no stale row is served and
 nothing needs to be told when a row changes, in this process or any other.
@@ -31,7 +31,7 @@ from flask_babel import get_locale
 from flask_babel import gettext as _
 from markupsafe import Markup, escape
 
-from cleanmail import quarantine, reasons
+from cleanmail import quarantine_list, reasons
 from cleanmail.web import preview
 
 ROWS_KEPT = 5000  # rendered rows kept per process: 100 pages, a few MB
@@ -41,7 +41,7 @@ _FIELDS = ("id", "date", "name", "address", "subject", "size", "path")
 
 
 def render_rows(rows: Sequence[Any], language: str, zone: ZoneInfo, path: str) -> Markup:
-    """Rows of ``quarantine.LISTED`` as the list's HTML; ``language`` is the request's."""
+    """Rows of ``quarantine_list.LISTED`` as the list's HTML; ``language`` is the request's."""
     # Safe: Jinja's own output with every filled-in value escaped in _row.
     return Markup("".join([_row(row, language, zone, path) for row in rows]))  # noqa: S704
 
@@ -121,7 +121,7 @@ def _row(row: Any, language: str, zone: ZoneInfo, path: str) -> str:
     listed = reasons.top(_decoded(row.reasons))
     texts = [_reason(str(r.get("code")), str(r.get("text")), language) for r in listed]
     form = _compiled(language, bool(name), str(row.status), bool(row.release_failed), len(texts))
-    when = quarantine.received_time(row.received_at)
+    when = quarantine_list.received_time(row.received_at)
     return form.format(
         id=int(row.id),
         date=escape(preview.local_time(when, zone)),

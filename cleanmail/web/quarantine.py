@@ -24,7 +24,7 @@ from flask_wtf.csrf import generate_csrf
 from sqlalchemy.orm import Session
 from werkzeug.datastructures import MultiDict
 
-from cleanmail import mailboxes, mime, quarantine, reasons, web
+from cleanmail import mailboxes, mime, quarantine, quarantine_list, reasons, web
 from cleanmail.models import Mailbox, Message, Status
 from cleanmail.web import listing, preview
 from cleanmail.web import quarantine_actions as actions
@@ -82,10 +82,10 @@ class ListForm:
         values["released"] = "1" if self.released else ""
         return {key: value for key, value in values.items() if value}
 
-    def criteria(self, tz: ZoneInfo) -> quarantine.Criteria:
+    def criteria(self, tz: ZoneInfo) -> quarantine_list.Criteria:
         """What to look for; the dates are whole days in the owner's time zone."""
         since, until = _day(self.since), _day(self.until)
-        return quarantine.Criteria(
+        return quarantine_list.Criteria(
             statuses=(Status.NEW, Status.RELEASED) if self.released else (Status.NEW,),
             text=self.q,
             reason=self.reason,
@@ -111,13 +111,13 @@ def _day(value: str) -> date | None:
     return day if day is None or date(1900, 1, 1) <= day <= date(9000, 1, 1) else None
 
 
-def format_cursor(cursor: quarantine.Cursor) -> str:
+def format_cursor(cursor: quarantine_list.Cursor) -> str:
     """A cursor as a query-string value: microseconds since 1970, a dash, the id."""
     micros = (cursor.received_at - EPOCH) // timedelta(microseconds=1)
     return f"{micros}-{cursor.id}"
 
 
-def parse_cursor(value: str | None) -> quarantine.Cursor | None:
+def parse_cursor(value: str | None) -> quarantine_list.Cursor | None:
     """The cursor in a query-string value, or None for anything malformed."""
     micros, _dash, ident = (value or "").partition("-")
     if not (micros.isdigit() and ident.isdigit() and len(micros) < 20 and len(ident) < 20):
@@ -125,7 +125,7 @@ def parse_cursor(value: str | None) -> quarantine.Cursor | None:
     if int(ident) > MAX_ID:
         return None
     try:
-        return quarantine.Cursor(EPOCH + timedelta(microseconds=int(micros)), int(ident))
+        return quarantine_list.Cursor(EPOCH + timedelta(microseconds=int(micros)), int(ident))
     except OverflowError:
         return None
 
@@ -142,7 +142,7 @@ def _render_index() -> str:
     session = web.session()
     tz = mailboxes.time_zone(current_user.timezone)
     form = ListForm.parse(request.args)
-    page = quarantine.search(
+    page = quarantine_list.search(
         session,
         current_user.mailbox_id,
         form.criteria(tz),
@@ -156,7 +156,7 @@ def _render_index() -> str:
         form=form,
         page=page,
         rows=listing.render_rows(page.messages, str(get_locale()), tz, message_path),
-        new_count=quarantine.count_new(session, current_user.mailbox_id),
+        new_count=quarantine_list.count_new(session, current_user.mailbox_id),
         reason_codes=reasons.codes(),
         format_cursor=format_cursor,
         back=request.full_path,
@@ -290,7 +290,7 @@ def bulk() -> Response:
     if not ids:
         flash(_("Select at least one message first."), "error")
         return redirect(_next(url_for(".index")))
-    selected = quarantine.owned(session, mailbox.id, ids)
+    selected = quarantine_list.owned(session, mailbox.id, ids)
     if len(selected) != len(ids):
         abort(404)
     actions.apply(session, mailbox, selected, action)

@@ -20,7 +20,7 @@ down_revision = "0008"
 branch_labels = None
 depends_on = None
 
-# Keep in step with what quarantine.LISTED reads and quarantine.search filters on.
+# Keep in step with what quarantine_list.LISTED reads and quarantine_list.search filters on.
 COLUMNS = (
     "mailbox_id, status, release_error, received_at, subject, from_header, envelope_sender, "
     "size, reasons"

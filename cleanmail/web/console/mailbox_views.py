@@ -8,7 +8,7 @@ from flask_login import current_user
 from sqlalchemy import func, or_, select
 from werkzeug.wrappers import Response
 
-from cleanmail import audit, mailer, mime, quarantine, staff, tokens, web
+from cleanmail import audit, mailer, mime, quarantine_list, staff, tokens, web
 from cleanmail.models import Domain, Mailbox, Message, Report, Status
 from cleanmail.relay import RelayError
 from cleanmail.web import auth
@@ -66,7 +66,7 @@ def mailbox(mailbox_id: int) -> str:
     return render_template(
         "console/mailbox.html",
         mailbox=found,
-        waiting=quarantine.count_new(session, found.id),
+        waiting=quarantine_list.count_new(session, found.id),
         counts={s.value: counts.get(s.value, 0) for s in Status},
         reports=[
             {
