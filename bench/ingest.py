@@ -109,13 +109,17 @@ class BatchResult:
 
     def percentile(self, share: float, verdict: str | None = None) -> float:
         """A latency percentile in milliseconds, of all messages or those with one verdict."""
-        latencies = [x for x, v in zip(self.latencies, self.verdicts, strict=True)
-                     if verdict is None or v == verdict]
+        latencies = [
+            x
+            for x, v in zip(self.latencies, self.verdicts, strict=True)
+            if verdict is None or v == verdict
+        ]
         if len(latencies) < 2:
             return latencies[0] * 1000 if latencies else 0.0
-        return statistics.quantiles(latencies, n=100, method="inclusive")[
-            round(share * 100) - 1
-        ] * 1000
+        return (
+            statistics.quantiles(latencies, n=100, method="inclusive")[round(share * 100) - 1]
+            * 1000
+        )
 
 
 # --- processes ---------------------------------------------------------------------------
@@ -145,8 +149,14 @@ async def serve_smtp(handler: Any, port: int, ready: Event, size_limit: int | No
     loop = asyncio.get_running_loop()
 
     def factory() -> SMTP:
-        return BenchSMTP(handler, data_size_limit=size_limit, enable_SMTPUTF8=True,
-                         decode_data=False, hostname="bench.invalid", timeout=600)
+        return BenchSMTP(
+            handler,
+            data_size_limit=size_limit,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname="bench.invalid",
+            timeout=600,
+        )
 
     server = await loop.create_server(factory, host="127.0.0.1", port=port)
     ready.set()
@@ -185,8 +195,13 @@ class BareRelay:
         """Relay the message, answering 451 when the next hop fails."""
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self.executor, self.send, envelope.mail_from,
-                                       list(envelope.rcpt_tos), envelope.original_content)
+            await loop.run_in_executor(
+                self.executor,
+                self.send,
+                envelope.mail_from,
+                list(envelope.rcpt_tos),
+                envelope.original_content,
+            )
         except (OSError, smtplib.SMTPException) as exc:
             self.local.client = None
             return f"451 4.4.1 relay failed: {exc}"[:200]
@@ -234,8 +249,14 @@ def connect(port: int) -> smtplib.SMTP:
     return client
 
 
-def send_all(client: smtplib.SMTP, port: int, messages: Sequence[Message],
-             work: collections.deque[int], report: ClientReport, lock: threading.Lock) -> None:
+def send_all(
+    client: smtplib.SMTP,
+    port: int,
+    messages: Sequence[Message],
+    work: collections.deque[int],
+    report: ClientReport,
+    lock: threading.Lock,
+) -> None:
     """Send messages from the shared work queue until it is empty."""
     while True:
         try:
@@ -264,8 +285,14 @@ def send_all(client: smtplib.SMTP, port: int, messages: Sequence[Message],
         client.quit()
 
 
-def client_main(port: int, messages: Sequence[Message], indices: range, threads: int,
-                barrier: Barrier, results: Any) -> None:
+def client_main(
+    port: int,
+    messages: Sequence[Message],
+    indices: range,
+    threads: int,
+    barrier: Barrier,
+    results: Any,
+) -> None:
     """One client process: connect, wait for the start, send its share over a few threads."""
     child_signals()
     report = ClientReport()
@@ -278,8 +305,10 @@ def client_main(port: int, messages: Sequence[Message], indices: range, threads:
         return
     work = collections.deque(indices)
     lock = threading.Lock()
-    workers = [threading.Thread(target=send_all, args=(c, port, messages, work, report, lock))
-               for c in clients]
+    workers = [
+        threading.Thread(target=send_all, args=(c, port, messages, work, report, lock))
+        for c in clients
+    ]
     barrier.wait()
     for worker in workers:
         worker.start()
@@ -289,8 +318,9 @@ def client_main(port: int, messages: Sequence[Message], indices: range, threads:
     results.put(report)
 
 
-def run_batch(port: int, messages: Sequence[Message], connections: int, processes: int,
-              server_pids: list[int]) -> BatchResult:
+def run_batch(
+    port: int, messages: Sequence[Message], connections: int, processes: int, server_pids: list[int]
+) -> BatchResult:
     """Send every message over `connections` connections from `processes` processes."""
     ctx = mp.get_context("fork")  # the children share the preloaded messages, unpickled
     processes = max(1, min(processes, connections))
@@ -299,11 +329,20 @@ def run_batch(port: int, messages: Sequence[Message], connections: int, processe
     procs = []
     for number in range(processes):
         threads = connections // processes + (number < connections % processes)
-        procs.append(ctx.Process(
-            target=client_main, daemon=True,
-            args=(port, messages, range(number, len(messages), processes), threads,
-                  barrier, results),
-        ))
+        procs.append(
+            ctx.Process(
+                target=client_main,
+                daemon=True,
+                args=(
+                    port,
+                    messages,
+                    range(number, len(messages), processes),
+                    threads,
+                    barrier,
+                    results,
+                ),
+            )
+        )
     try:
         for proc in procs:
             proc.start()
@@ -318,8 +357,9 @@ def run_batch(port: int, messages: Sequence[Message], connections: int, processe
         cpu_before, machine_before = cpu_seconds(server_pids), machine_ticks()
         reports = collect_reports(results, procs)
         cpu = cpu_seconds(server_pids) - cpu_before
-        machine = [after - before for after, before in zip(machine_ticks(), machine_before,
-                                                            strict=True)]
+        machine = [
+            after - before for after, before in zip(machine_ticks(), machine_before, strict=True)
+        ]
         sampler.stop()
     finally:
         for proc in procs:
@@ -336,11 +376,16 @@ def run_batch(port: int, messages: Sequence[Message], connections: int, processe
         for key, text in report.samples.items():
             samples.setdefault(key, text)
     return BatchResult(
-        sent=len(messages), seconds=max(r.end for r in reports) - started,
+        sent=len(messages),
+        seconds=max(r.end for r in reports) - started,
         latencies=[x for r in reports for x in r.latencies],
-        verdicts=[v for r in reports for v in r.verdicts], failures=failures,
-        samples=samples, peak_rss_kb=proc_status(server_pids, "VmHWM"),
-        sampled_rss_kb=sampler.peak_kb, cpu_seconds=cpu, rss_timeline_kb=sampler.quartiles(),
+        verdicts=[v for r in reports for v in r.verdicts],
+        failures=failures,
+        samples=samples,
+        peak_rss_kb=proc_status(server_pids, "VmHWM"),
+        sampled_rss_kb=sampler.peak_kb,
+        cpu_seconds=cpu,
+        rss_timeline_kb=sampler.quartiles(),
         machine_busy=1 - machine[1] / machine[0] if machine[0] else 0.0,
     )
 
@@ -371,7 +416,8 @@ def family(pid: int) -> list[int]:
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             parents[int(stat.read_text().rsplit(")", 1)[1].split()[1])].append(
-                int(stat.parent.name))
+                int(stat.parent.name)
+            )
     found, todo = [pid], [pid]
     while todo:
         kids = parents.get(todo.pop(), [])
@@ -438,8 +484,10 @@ class RssSampler(threading.Thread):
         """VmRSS a quarter, half, three quarters of the way through, and at the end."""
         if not self.samples:
             return []
-        return [self.samples[min(len(self.samples) - 1, len(self.samples) * q // 4)]
-                for q in (1, 2, 3, 4)]
+        return [
+            self.samples[min(len(self.samples) - 1, len(self.samples) * q // 4)]
+            for q in (1, 2, 3, 4)
+        ]
 
     def stop(self) -> None:
         """Stop sampling."""
@@ -452,8 +500,9 @@ class RssSampler(threading.Thread):
 
 def load_messages(count: int, gtube_every: int = 10, seed: int = 1) -> list[Message]:
     """Corpus mail as CRLF DATA, every tenth with GTUBE appended; cycles when short."""
-    files = sorted(p for folder in ("ham", "spam") for p in (CORPUS / folder).iterdir()
-                   if p.is_file())
+    files = sorted(
+        p for folder in ("ham", "spam") for p in (CORPUS / folder).iterdir() if p.is_file()
+    )
     if not files:
         raise RuntimeError(f"no messages in {CORPUS}")
     random.Random(seed).shuffle(files)
@@ -512,8 +561,13 @@ class Installation:
 
     def cli(self, *args: str) -> str:
         """Run a `cleanmail` command; return its output or raise with its stderr."""
-        result = subprocess.run([str(CLEANMAIL), *args], env=self.env, capture_output=True,
-                                text=True, stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            [str(CLEANMAIL), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
         if result.returncode:
             raise RuntimeError(f"cleanmail {' '.join(args)} failed:\n{result.stderr}")
         return result.stdout
@@ -525,8 +579,11 @@ class Installation:
         engine = sqlalchemy.create_engine(self.database_url)
         try:
             with engine.connect() as connection:
-                return int(connection.execute(sqlalchemy.text(
-                    "SELECT count(*) FROM messages")).scalar_one())
+                return int(
+                    connection.execute(
+                        sqlalchemy.text("SELECT count(*) FROM messages")
+                    ).scalar_one()
+                )
         finally:
             engine.dispose()
 
@@ -554,8 +611,11 @@ def installation(tmp: Path, database: str, classifier: bool = True) -> Iterator[
         setup.cli("db", "upgrade")
         setup.cli("domain", "add", DOMAIN)
         if classifier:
-            print(setup.cli("engine", "train", "--ham", str(CORPUS / "ham"),
-                            "--spam", str(CORPUS / "spam")).strip())
+            print(
+                setup.cli(
+                    "engine", "train", "--ham", str(CORPUS / "ham"), "--spam", str(CORPUS / "spam")
+                ).strip()
+            )
         else:
             env["CLEANMAIL_CLASSIFIER"] = "off"
         yield setup
@@ -582,29 +642,56 @@ def spawned(target: Any, *args: Any) -> Iterator[Any]:
 
 @contextlib.contextmanager
 def filter_process(
-    setup: Installation, relay_port: int, log_path: Path,
-    profile: Path | None = None, gil: bool = False, workers: int | None = None,
+    setup: Installation,
+    relay_port: int,
+    log_path: Path,
+    profile: Path | None = None,
+    gil: bool = False,
+    workers: int | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """`cleanmail filter` on a free port, relaying to `relay_port`; stopped with SIGTERM."""
     port = free_port()
-    env = dict(setup.env, CLEANMAIL_FILTER_LISTEN=f"127.0.0.1:{port}",
-               CLEANMAIL_RELAY=f"127.0.0.1:{relay_port}")
+    env = dict(
+        setup.env,
+        CLEANMAIL_FILTER_LISTEN=f"127.0.0.1:{port}",
+        CLEANMAIL_RELAY=f"127.0.0.1:{relay_port}",
+    )
     if workers:
         env["CLEANMAIL_FILTER_WORKERS"] = str(workers)
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([str(CLEANMAIL), "filter"], env=env, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, start_new_session=True,
-                                preexec_fn=die_with_parent)
+        proc = subprocess.Popen(
+            [str(CLEANMAIL), "filter"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
     spy: subprocess.Popen[bytes] | None = None
     try:
         wait_listening(port, proc, log_path)
         if profile is not None:
             spy_command = str(PY_SPY) if PY_SPY.exists() else "py-spy"
-            spy = subprocess.Popen([spy_command, "record", "--pid", str(proc.pid), "--rate", "100",
-                                    "--format", "raw", "--output", str(profile),
-                                    "--subprocesses", *(["--gil"] if gil else [])],
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   start_new_session=True)
+            spy = subprocess.Popen(
+                [
+                    spy_command,
+                    "record",
+                    "--pid",
+                    str(proc.pid),
+                    "--rate",
+                    "100",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(profile),
+                    "--subprocesses",
+                    *(["--gil"] if gil else []),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             time.sleep(1)
         yield proc, port
     finally:
@@ -644,26 +731,38 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], log_path: Path) -> 
 # --- the runs ----------------------------------------------------------------------------
 
 
-def measure_relay(messages: Sequence[Message], args: argparse.Namespace, sink_port: int,
-                  counter: Any) -> BatchResult:
+def measure_relay(
+    messages: Sequence[Message], args: argparse.Namespace, sink_port: int, counter: Any
+) -> BatchResult:
     """The reference: the bare relay with the same client and messages."""
     port = free_port()
     with spawned(relay_main, port, sink_port) as relay:
         before = counter.value
-        result = run_batch(port, messages, args.connections, args.client_processes,
-                           [relay.pid])
+        result = run_batch(port, messages, args.connections, args.client_processes, [relay.pid])
         result.reached_sink = counter.value - before
     return result
 
 
-def measure_filter(messages: Sequence[Message], args: argparse.Namespace, setup: Installation,
-                   sink_port: int, counter: Any, tmp: Path) -> BatchResult:
+def measure_filter(
+    messages: Sequence[Message],
+    args: argparse.Namespace,
+    setup: Installation,
+    sink_port: int,
+    counter: Any,
+    tmp: Path,
+) -> BatchResult:
     """The real filter with the same client and messages."""
-    with filter_process(setup, sink_port, tmp / "filter.log", args.profile,
-                        args.profile_gil, args.filter_workers) as (proc, port):
+    with filter_process(
+        setup, sink_port, tmp / "filter.log", args.profile, args.profile_gil, args.filter_workers
+    ) as (proc, port):
         before = counter.value
-        result = run_batch(port, messages, args.connections, args.client_processes,
-                           workers_started(proc.pid, args.filter_workers))
+        result = run_batch(
+            port,
+            messages,
+            args.connections,
+            args.client_processes,
+            workers_started(proc.pid, args.filter_workers),
+        )
         result.reached_sink = counter.value - before
     result.quarantined = setup.count_quarantined()
     with open(tmp / "filter.log", "rb") as log:
@@ -671,13 +770,16 @@ def measure_filter(messages: Sequence[Message], args: argparse.Namespace, setup:
     return result
 
 
-def measure_memory(setup: Installation, sink_port: int, warmup: Sequence[Message],
-                   tmp: Path, workers: int | None) -> dict[str, Any]:
+def measure_memory(
+    setup: Installation, sink_port: int, warmup: Sequence[Message], tmp: Path, workers: int | None
+) -> dict[str, Any]:
     """Peak RSS increase of a fresh filter for one message just under 18 MiB."""
     raw = big_message()
     big = Message(f"user0@{DOMAIN}", dot_stuff(raw), False)
-    with filter_process(setup, sink_port, tmp / "filter-memory.log",
-                        workers=workers) as (proc, port):
+    with filter_process(setup, sink_port, tmp / "filter-memory.log", workers=workers) as (
+        proc,
+        port,
+    ):
         client = connect(port)
         try:
             for message in warmup:
@@ -696,9 +798,16 @@ def measure_memory(setup: Installation, sink_port: int, warmup: Sequence[Message
         finally:
             with contextlib.suppress(Exception):
                 client.quit()
-    return {"size": len(raw), "attachment": (len(raw) * 57) // 78, "baseline_kb": baseline,
-            "peak_kb": peak, "sampled_kb": sampler.peak_kb, "reply": f"{code} {text}"[:100],
-            "seconds": seconds, "hwm_reset": hwm_reset}
+    return {
+        "size": len(raw),
+        "attachment": (len(raw) * 57) // 78,
+        "baseline_kb": baseline,
+        "peak_kb": peak,
+        "sampled_kb": sampler.peak_kb,
+        "reply": f"{code} {text}"[:100],
+        "seconds": seconds,
+        "hwm_reset": hwm_reset,
+    }
 
 
 @contextlib.contextmanager
@@ -707,18 +816,31 @@ def external_engine(name: str, tmp: Path) -> Iterator[dict[str, str]]:
     engines = f"rules,{name}"
     if name == "rspamd":
         with RspamdServer(tmp, workers=2) as rspamd:
-            yield {"CLEANMAIL_ENGINES": engines, "CLEANMAIL_RSPAMD_URL": rspamd.url,
-                   "CLEANMAIL_RSPAMD_CONTROLLER_URL": rspamd.controller_url,
-                   "CLEANMAIL_RSPAMD_PASSWORD": rspamd.password}
+            yield {
+                "CLEANMAIL_ENGINES": engines,
+                "CLEANMAIL_RSPAMD_URL": rspamd.url,
+                "CLEANMAIL_RSPAMD_CONTROLLER_URL": rspamd.controller_url,
+                "CLEANMAIL_RSPAMD_PASSWORD": rspamd.password,
+            }
     else:
         with SpamdServer(tmp, children=4) as spamd:
-            yield {"CLEANMAIL_ENGINES": engines, "CLEANMAIL_SPAMD_HOST": spamd.host,
-                   "CLEANMAIL_SPAMD_PORT": str(spamd.port)}
+            yield {
+                "CLEANMAIL_ENGINES": engines,
+                "CLEANMAIL_SPAMD_HOST": spamd.host,
+                "CLEANMAIL_SPAMD_PORT": str(spamd.port),
+            }
 
 
-def measure_engine(messages: Sequence[Message], args: argparse.Namespace, setup: Installation,
-                   sink_port: int, counter: Any, tmp: Path, relay: BatchResult,
-                   first: BatchResult) -> BatchResult:
+def measure_engine(
+    messages: Sequence[Message],
+    args: argparse.Namespace,
+    setup: Installation,
+    sink_port: int,
+    counter: Any,
+    tmp: Path,
+    relay: BatchResult,
+    first: BatchResult,
+) -> BatchResult:
     """The filter again, with an external engine chained after the embedded ones."""
     started = time.monotonic()
     with external_engine(args.engine, tmp) as settings:
@@ -735,17 +857,33 @@ def measure_engine(messages: Sequence[Message], args: argparse.Namespace, setup:
     rows = [
         ("", f"+ {args.engine}", "embedded only", "bare relay"),
         ("messages/s", f"{result.rate:.0f}", f"{first.rate:.0f}", f"{relay.rate:.0f}"),
-        ("latency p50 ms", f"{result.percentile(0.50):.1f}", f"{first.percentile(0.50):.1f}",
-         f"{relay.percentile(0.50):.1f}"),
-        ("latency p95 ms", f"{result.percentile(0.95):.1f}", f"{first.percentile(0.95):.1f}",
-         f"{relay.percentile(0.95):.1f}"),
-        ("reached the sink", str(result.reached_sink), str(first.reached_sink),
-         str(relay.reached_sink)),
+        (
+            "latency p50 ms",
+            f"{result.percentile(0.50):.1f}",
+            f"{first.percentile(0.50):.1f}",
+            f"{relay.percentile(0.50):.1f}",
+        ),
+        (
+            "latency p95 ms",
+            f"{result.percentile(0.95):.1f}",
+            f"{first.percentile(0.95):.1f}",
+            f"{relay.percentile(0.95):.1f}",
+        ),
+        (
+            "reached the sink",
+            str(result.reached_sink),
+            str(first.reached_sink),
+            str(relay.reached_sink),
+        ),
         # The quarantine keeps one copy per message and mailbox: the second run adds
         # only what the external engine held and the embedded engines did not.
         ("held in addition", str(held), "-", "-"),
-        ("non-250 replies", str(sum(result.failures.values())),
-         str(sum(first.failures.values())), str(sum(relay.failures.values()))),
+        (
+            "non-250 replies",
+            str(sum(result.failures.values())),
+            str(sum(first.failures.values())),
+            str(sum(relay.failures.values())),
+        ),
     ]
     for row in rows:
         print(f"  {row[0]:<22}{row[1]:>16}{row[2]:>16}{row[3]:>16}")
@@ -776,37 +914,76 @@ def timeline(result: BatchResult) -> str:
     return "/".join(f"{kb / 1024:.0f}" for kb in result.rss_timeline_kb)
 
 
-def print_table(args: argparse.Namespace, relay: BatchResult, filt: BatchResult,
-                gtube_count: int) -> None:
+def print_table(
+    args: argparse.Namespace, relay: BatchResult, filt: BatchResult, gtube_count: int
+) -> None:
     """The comparison table and any failures."""
     ratio = filt.rate / relay.rate if relay.rate else 0.0
-    print(f"\nIngest: {filt.sent} messages, {args.connections} connections, "
-          f"{args.client_processes} client processes, database {args.database}, "
-          f"filter workers {args.filter_workers or 'default'}, classifier {args.classifier}, "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"\nIngest: {filt.sent} messages, {args.connections} connections, "
+        f"{args.client_processes} client processes, database {args.database}, "
+        f"filter workers {args.filter_workers or 'default'}, classifier {args.classifier}, "
+        f"{os.cpu_count()} CPUs"
+    )
     rows = [
         ("", "filter", "bare relay", "target"),
-        ("messages/s", f"{filt.rate:.0f}", f"{relay.rate:.0f}",
-         f">= {TARGET_RATE:.0f}  {verdict(filt.rate >= TARGET_RATE)}"),
-        ("filter / relay", f"{ratio:.0%}", "", f">= {TARGET_RATIO:.0%}  "
-         f"{verdict(ratio >= TARGET_RATIO)}"),
+        (
+            "messages/s",
+            f"{filt.rate:.0f}",
+            f"{relay.rate:.0f}",
+            f">= {TARGET_RATE:.0f}  {verdict(filt.rate >= TARGET_RATE)}",
+        ),
+        (
+            "filter / relay",
+            f"{ratio:.0%}",
+            "",
+            f">= {TARGET_RATIO:.0%}  {verdict(ratio >= TARGET_RATIO)}",
+        ),
         ("seconds", f"{filt.seconds:.1f}", f"{relay.seconds:.1f}", ""),
         ("latency p50 ms", f"{filt.percentile(0.50):.1f}", f"{relay.percentile(0.50):.1f}", ""),
         ("latency p95 ms", f"{filt.percentile(0.95):.1f}", f"{relay.percentile(0.95):.1f}", ""),
-        ("server CPU ms/message", f"{filt.cpu_seconds * 1000 / filt.sent:.2f}",
-         f"{relay.cpu_seconds * 1000 / relay.sent:.2f}", ""),
-        ("server CPU use", f"{filt.cpu_seconds / filt.seconds:.0%}",
-         f"{relay.cpu_seconds / relay.seconds:.0%}", "of one core"),
-        ("machine CPU busy", f"{filt.machine_busy:.0%}", f"{relay.machine_busy:.0%}",
-         f"all {os.cpu_count()} CPUs: client, server, sink"),
-        ("p50 ms pass/quarantine", f"{filt.percentile(0.5, 'pass'):.1f}/"
-         f"{filt.percentile(0.5, 'quarantine'):.1f}", "", "passed mail is relayed"),
-        ("non-250 replies", str(sum(filt.failures.values())),
-         str(sum(relay.failures.values())), "0"),
-        ("peak RSS MB (VmHWM)", f"{filt.peak_rss_kb / 1024:.1f}",
-         f"{relay.peak_rss_kb / 1024:.1f}", ""),
-        ("max sampled VmRSS MB", f"{filt.sampled_rss_kb / 1024:.1f}",
-         f"{relay.sampled_rss_kb / 1024:.1f}", ""),
+        (
+            "server CPU ms/message",
+            f"{filt.cpu_seconds * 1000 / filt.sent:.2f}",
+            f"{relay.cpu_seconds * 1000 / relay.sent:.2f}",
+            "",
+        ),
+        (
+            "server CPU use",
+            f"{filt.cpu_seconds / filt.seconds:.0%}",
+            f"{relay.cpu_seconds / relay.seconds:.0%}",
+            "of one core",
+        ),
+        (
+            "machine CPU busy",
+            f"{filt.machine_busy:.0%}",
+            f"{relay.machine_busy:.0%}",
+            f"all {os.cpu_count()} CPUs: client, server, sink",
+        ),
+        (
+            "p50 ms pass/quarantine",
+            f"{filt.percentile(0.5, 'pass'):.1f}/{filt.percentile(0.5, 'quarantine'):.1f}",
+            "",
+            "passed mail is relayed",
+        ),
+        (
+            "non-250 replies",
+            str(sum(filt.failures.values())),
+            str(sum(relay.failures.values())),
+            "0",
+        ),
+        (
+            "peak RSS MB (VmHWM)",
+            f"{filt.peak_rss_kb / 1024:.1f}",
+            f"{relay.peak_rss_kb / 1024:.1f}",
+            "",
+        ),
+        (
+            "max sampled VmRSS MB",
+            f"{filt.sampled_rss_kb / 1024:.1f}",
+            f"{relay.sampled_rss_kb / 1024:.1f}",
+            "",
+        ),
         ("VmRSS at 1/4..end MB", timeline(filt), timeline(relay), ""),
         ("log lines/message", f"{(filt.log_lines or 0) / filt.sent:.1f}", "-", ""),
         ("quarantined", str(filt.quarantined), "-", f"GTUBE-marked: {gtube_count}"),
@@ -826,14 +1003,20 @@ def print_memory(memory: dict[str, Any]) -> None:
     """The one-big-message memory figures."""
     increase = (memory["peak_kb"] - memory["baseline_kb"]) * 1024
     factor = increase / memory["size"]
-    print(f"\nOne {memory['size'] / MB:.2f} MiB message (about {memory['attachment'] / 1e6:.1f} MB "
-          "of random bytes in a base64 attachment data.bin), fresh filter:")
-    print(f"  VmRSS before {memory['baseline_kb'] / 1024:.1f} MB, VmHWM after "
-          f"{memory['peak_kb'] / 1024:.1f} MB (max sampled VmRSS "
-          f"{memory['sampled_kb'] / 1024:.1f} MB)"
-          + ("" if memory["hwm_reset"] else ", VmHWM could not be reset before the message"))
-    print(f"  increase {increase / MB:.1f} MB = {factor:.1f}x the message   target <= "
-          f"{TARGET_MEMORY_FACTOR:.0f}x  {verdict(factor <= TARGET_MEMORY_FACTOR)}")
+    print(
+        f"\nOne {memory['size'] / MB:.2f} MiB message (about {memory['attachment'] / 1e6:.1f} MB "
+        "of random bytes in a base64 attachment data.bin), fresh filter:"
+    )
+    print(
+        f"  VmRSS before {memory['baseline_kb'] / 1024:.1f} MB, VmHWM after "
+        f"{memory['peak_kb'] / 1024:.1f} MB (max sampled VmRSS "
+        f"{memory['sampled_kb'] / 1024:.1f} MB)"
+        + ("" if memory["hwm_reset"] else ", VmHWM could not be reset before the message")
+    )
+    print(
+        f"  increase {increase / MB:.1f} MB = {factor:.1f}x the message   target <= "
+        f"{TARGET_MEMORY_FACTOR:.0f}x  {verdict(factor <= TARGET_MEMORY_FACTOR)}"
+    )
     print(f"  reply {memory['reply']!r} after {memory['seconds']:.2f} s")
 
 
@@ -847,17 +1030,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--client-processes", type=int, default=2)
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--filter-workers", type=int, default=None,
-                        help="CLEANMAIL_FILTER_WORKERS for the filter (default: its own)")
+    parser.add_argument(
+        "--filter-workers",
+        type=int,
+        default=None,
+        help="CLEANMAIL_FILTER_WORKERS for the filter (default: its own)",
+    )
     parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
-    parser.add_argument("--classifier", choices=("on", "off"), default="on",
-                        help="train the learning classifier on the corpus and score with it")
-    parser.add_argument("--engine", choices=("rspamd", "spamassassin"), default=None,
-                        help="measure again with this external engine chained after the rules")
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="record the filter with py-spy into this raw (collapsed) file")
-    parser.add_argument("--profile-gil", action="store_true",
-                        help="with --profile: sample only the thread holding the GIL")
+    parser.add_argument(
+        "--classifier",
+        choices=("on", "off"),
+        default="on",
+        help="train the learning classifier on the corpus and score with it",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=("rspamd", "spamassassin"),
+        default=None,
+        help="measure again with this external engine chained after the rules",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="record the filter with py-spy into this raw (collapsed) file",
+    )
+    parser.add_argument(
+        "--profile-gil",
+        action="store_true",
+        help="with --profile: sample only the thread holding the GIL",
+    )
     return parser.parse_args(argv)
 
 
@@ -871,10 +1073,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.monotonic()
         messages = load_messages(args.messages)
         gtube_count = sum(m.gtube for m in messages)
-        print(f"loaded {len(messages)} messages ({sum(len(m.data) for m in messages) / MB:.1f} "
-              f"MiB, {gtube_count} with GTUBE) in {time.monotonic() - started:.1f} s")
+        print(
+            f"loaded {len(messages)} messages ({sum(len(m.data) for m in messages) / MB:.1f} "
+            f"MiB, {gtube_count} with GTUBE) in {time.monotonic() - started:.1f} s"
+        )
         setup = stack.enter_context(
-            installation(tmp, args.database, classifier=args.classifier == "on"))
+            installation(tmp, args.database, classifier=args.classifier == "on")
+        )
         counter = mp.get_context("spawn").Value("q", 0)
         sink_port = free_port()
         stack.enter_context(spawned(sink_main, sink_port, counter))

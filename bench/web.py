@@ -60,39 +60,115 @@ WARMUP_SECONDS = 2.0
 TARGET_P95_MS = 25.0
 TARGET_RATIO = 0.50
 COPY_MESSAGES = (
-    "id", "mailbox_id", "raw_sha256", "envelope_sender", "from_header", "from_address",
-    "sender_domain", "subject", "message_id_header", "date_header", "size", "score", "reasons",
-    "status", "received_at", "expires_at", "released_at", "release_error", "release_attempts",
-    "client_address", "client_helo",
+    "id",
+    "mailbox_id",
+    "raw_sha256",
+    "envelope_sender",
+    "from_header",
+    "from_address",
+    "sender_domain",
+    "subject",
+    "message_id_header",
+    "date_header",
+    "size",
+    "score",
+    "reasons",
+    "status",
+    "received_at",
+    "expires_at",
+    "released_at",
+    "release_error",
+    "release_attempts",
+    "client_address",
+    "client_helo",
 )
-COPY_MAILBOXES = ("id", "address", "domain_id", "language", "report_frequency", "timezone",
-                  "key_version", "role", "disabled", "created_at")
+COPY_MAILBOXES = (
+    "id",
+    "address",
+    "domain_id",
+    "language",
+    "report_frequency",
+    "timezone",
+    "key_version",
+    "role",
+    "disabled",
+    "created_at",
+)
 COPY_DOMAINS = ("id", "name", "created_at")
 
 
 # --- generated data ----------------------------------------------------------------------
 
-NAMES = ("PayPal Security", "DHL Express", "Apple ID", "Microsoft 365", "Netflix", "Posten",
-         "Kundeservice", "Faktura", "Dr. James Okafor", "Lotto Winner", "Anna Berg", "Ola Nordmann",
-         "Crypto Alerts", "Pharmacy Online", "Support", "Kari Hansen", "Amazon", "Vipps", "")
-WORDS = ("secure-login", "promo", "deals", "mailer", "news", "offers", "crypto", "pharma",
-         "casino", "bank", "parcel", "invoice", "account", "verify", "prize")
+NAMES = (
+    "PayPal Security",
+    "DHL Express",
+    "Apple ID",
+    "Microsoft 365",
+    "Netflix",
+    "Posten",
+    "Kundeservice",
+    "Faktura",
+    "Dr. James Okafor",
+    "Lotto Winner",
+    "Anna Berg",
+    "Ola Nordmann",
+    "Crypto Alerts",
+    "Pharmacy Online",
+    "Support",
+    "Kari Hansen",
+    "Amazon",
+    "Vipps",
+    "",
+)
+WORDS = (
+    "secure-login",
+    "promo",
+    "deals",
+    "mailer",
+    "news",
+    "offers",
+    "crypto",
+    "pharma",
+    "casino",
+    "bank",
+    "parcel",
+    "invoice",
+    "account",
+    "verify",
+    "prize",
+)
 TLDS = ("com", "net", "ru", "cn", "biz", "info", "no", "xyz", "top")
-SUBJECTS = ("Your account has been suspended #{n}", "Faktura {n} forfaller i dag",
-            "RE: Invoice {n}", "You have won ${n},000!!!", "Viktig: oppdater betalingskortet ditt",
-            "Limited offer: {p}% off today only", "Pakken din kunne ikke leveres ({n})",
-            "Urgent business proposal", "Cheap meds, fast delivery", "Vi savner deg! {p}% rabatt",
-            "Your password expires today", "Bekreft kontoen din innen 24 timer",
-            "[SPAM] Re: møte på fredag", "Invitation: webinar {n}", "Din BankID er sperret")
-REASONS = (("GTUBE", "GTUBE test pattern", 1000.0), ("SUBJECT_CAPS", "Subject in capitals", 1.5),
-           ("LINK_TO_IP", "Link to http://203.0.113.7/login", 2.5),
-           ("LINK_SHORTENER", "Link via bit.ly", 1.5), ("HTML_ONLY", "HTML only", 1.0),
-           ("FROM_DISPLAY_SPOOF", "Display name shows another address", 3.0),
-           ("MISSING_DATE", "No Date header", 1.5),
-           ("TO_UNDISCLOSED", "Undisclosed recipients", 1.5),
-           ("LIST_BLOCK_MAILBOX", "Blocked by *@promo.example", 100.0),
-           ("BLOCKED_ATTACHMENT", "Blocked attachment invoice.exe", 100.0),
-           ("SUBJECT_SHOUTING", "Subject with !!!", 2.0), ("DATE_IN_PAST", "Dated 9 days ago", 1.0))
+SUBJECTS = (
+    "Your account has been suspended #{n}",
+    "Faktura {n} forfaller i dag",
+    "RE: Invoice {n}",
+    "You have won ${n},000!!!",
+    "Viktig: oppdater betalingskortet ditt",
+    "Limited offer: {p}% off today only",
+    "Pakken din kunne ikke leveres ({n})",
+    "Urgent business proposal",
+    "Cheap meds, fast delivery",
+    "Vi savner deg! {p}% rabatt",
+    "Your password expires today",
+    "Bekreft kontoen din innen 24 timer",
+    "[SPAM] Re: møte på fredag",
+    "Invitation: webinar {n}",
+    "Din BankID er sperret",
+)
+REASONS = (
+    ("GTUBE", "GTUBE test pattern", 1000.0),
+    ("SUBJECT_CAPS", "Subject in capitals", 1.5),
+    ("LINK_TO_IP", "Link to http://203.0.113.7/login", 2.5),
+    ("LINK_SHORTENER", "Link via bit.ly", 1.5),
+    ("HTML_ONLY", "HTML only", 1.0),
+    ("FROM_DISPLAY_SPOOF", "Display name shows another address", 3.0),
+    ("MISSING_DATE", "No Date header", 1.5),
+    ("TO_UNDISCLOSED", "Undisclosed recipients", 1.5),
+    ("LIST_BLOCK_MAILBOX", "Blocked by *@promo.example", 100.0),
+    ("BLOCKED_ATTACHMENT", "Blocked attachment invoice.exe", 100.0),
+    ("SUBJECT_SHOUTING", "Subject with !!!", 2.0),
+    ("DATE_IN_PAST", "Dated 9 days ago", 1.0),
+)
 
 
 @dataclass(frozen=True)
@@ -137,8 +213,9 @@ def mailbox_rows(shape: Shape) -> list[tuple[Any, ...]]:
     for number in range(1, shape.mailboxes + 1):
         domain = (number - 1) % shape.domains
         address = BIG_ADDRESS if number == 1 else f"user{number}@example{domain}.no"
-        rows.append((number, address, domain + 1, "nb", "daily", "Europe/Oslo", 1, "owner",
-                     False, created))
+        rows.append(
+            (number, address, domain + 1, "nb", "daily", "Europe/Oslo", 1, "owner", False, created)
+        )
     return rows
 
 
@@ -170,8 +247,11 @@ def message_batches(shape: Shape, seed: int = 1) -> Iterator[list[tuple[Any, ...
     """Every message row in id order (= arrival order), in batches of BATCH."""
     rng = random.Random(seed)
     senders, reasons = sender_pool(rng), reason_pool(rng)
-    subjects = [s.format(n=rng.randint(1000, 99999), p=rng.choice((30, 50, 70, 90)))
-                for s in SUBJECTS for _ in range(40)]
+    subjects = [
+        s.format(n=rng.randint(1000, 99999), p=rng.choice((30, 50, 70, 90)))
+        for s in SUBJECTS
+        for _ in range(40)
+    ]
     start = shape.now - timedelta(days=30)
     step = timedelta(days=30) / shape.messages
     retention, hour = timedelta(days=30), timedelta(hours=1)
@@ -186,22 +266,43 @@ def message_batches(shape: Shape, seed: int = 1) -> Iterator[list[tuple[Any, ...
             draw = rng.random()
             status = "new" if draw < 0.94 else "released" if draw < 0.97 else "deleted"
             received_text = iso(received)
-            rows.append((
-                index + 1, mailbox, None, envelope, header, address, domain,
-                subjects[rng.randrange(len(subjects))], f"<{index:x}.{mailbox}@{domain}>",
-                iso(received - timedelta(seconds=rng.randint(5, 900))),
-                min(int(rng.lognormvariate(9.0, 1.2)) + 600, 20_000_000), score, reason, status,
-                received_text, iso(received + retention),
-                iso(received + hour) if status == "released" else None, None,
-                int(status == "released"), f"203.0.113.{index % 254 + 1}", helo,
-            ))
+            rows.append(
+                (
+                    index + 1,
+                    mailbox,
+                    None,
+                    envelope,
+                    header,
+                    address,
+                    domain,
+                    subjects[rng.randrange(len(subjects))],
+                    f"<{index:x}.{mailbox}@{domain}>",
+                    iso(received - timedelta(seconds=rng.randint(5, 900))),
+                    min(int(rng.lognormvariate(9.0, 1.2)) + 600, 20_000_000),
+                    score,
+                    reason,
+                    status,
+                    received_text,
+                    iso(received + retention),
+                    iso(received + hour) if status == "released" else None,
+                    None,
+                    int(status == "released"),
+                    f"203.0.113.{index % 254 + 1}",
+                    helo,
+                )
+            )
         yield rows
 
 
 def content_messages(count: int) -> list[bytes]:
     """Distinct raw messages from the corpus (spam first), or made-up ones without it."""
-    files = sorted(p for folder in ("spam", "ham") if (CORPUS / folder).is_dir()
-                   for p in (CORPUS / folder).iterdir() if p.is_file())
+    files = sorted(
+        p
+        for folder in ("spam", "ham")
+        if (CORPUS / folder).is_dir()
+        for p in (CORPUS / folder).iterdir()
+        if p.is_file()
+    )
     raws: dict[str, bytes] = {}
     for path in files:
         raw = ingest.to_crlf(path.read_bytes())
@@ -210,11 +311,13 @@ def content_messages(count: int) -> list[bytes]:
         if len(raws) == count:
             break
     while len(raws) < count:
-        raw = (f"From: \"Posten\" <noreply@parcel{len(raws)}.xyz>\r\nTo: {BIG_ADDRESS}\r\n"
-               f"Subject: Pakken din kunne ikke leveres ({len(raws)})\r\n"
-               "Date: Mon, 01 Jan 2024 12:00:00 +0000\r\nMIME-Version: 1.0\r\n"
-               "Content-Type: text/html; charset=utf-8\r\n\r\n<p>Betal <b>29 kr</b> her: "
-               "<a href=\"http://203.0.113.7/\">posten.no</a></p>\r\n").encode()
+        raw = (
+            f'From: "Posten" <noreply@parcel{len(raws)}.xyz>\r\nTo: {BIG_ADDRESS}\r\n'
+            f"Subject: Pakken din kunne ikke leveres ({len(raws)})\r\n"
+            "Date: Mon, 01 Jan 2024 12:00:00 +0000\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: text/html; charset=utf-8\r\n\r\n<p>Betal <b>29 kr</b> her: "
+            '<a href="http://203.0.113.7/">posten.no</a></p>\r\n'
+        ).encode()
         raws.setdefault(hashlib.sha256(raw).hexdigest(), raw)
     return list(raws.values())
 
@@ -231,21 +334,35 @@ def add_content(url: str, store_dir: Path, message_ids: Sequence[int]) -> None:
     engine = sqlalchemy.create_engine(url)
     try:
         with engine.begin() as connection:
-            for message_id, raw in zip(message_ids, content_messages(len(message_ids)),
-                                       strict=True):
+            for message_id, raw in zip(
+                message_ids, content_messages(len(message_ids)), strict=True
+            ):
                 parsed, sha = mime.parse(raw), digest(raw)
                 store.write(sha, raw)
-                connection.execute(RawMessage.__table__.insert(),
-                                   {"sha256": sha, "size": len(raw), "created_at": parsed.date
-                                    or datetime.now(UTC)})
+                connection.execute(
+                    RawMessage.__table__.insert(),
+                    {
+                        "sha256": sha,
+                        "size": len(raw),
+                        "created_at": parsed.date or datetime.now(UTC),
+                    },
+                )
                 connection.execute(
                     Message.__table__.update().where(Message.__table__.c.id == message_id),
-                    {"raw_sha256": sha, "size": len(raw), "status": "new", "released_at": None,
-                     "release_attempts": 0,
-                     "from_header": parsed.from_header, "from_address": parsed.from_address,
-                     "envelope_sender": parsed.from_address, "subject": parsed.subject,
-                     "sender_domain": mime.address_domain(parsed.from_address),
-                     "message_id_header": parsed.message_id, "date_header": parsed.date},
+                    {
+                        "raw_sha256": sha,
+                        "size": len(raw),
+                        "status": "new",
+                        "released_at": None,
+                        "release_attempts": 0,
+                        "from_header": parsed.from_header,
+                        "from_address": parsed.from_address,
+                        "envelope_sender": parsed.from_address,
+                        "subject": parsed.subject,
+                        "sender_domain": mime.address_domain(parsed.from_address),
+                        "message_id_header": parsed.message_id,
+                        "date_header": parsed.date,
+                    },
                 )
     finally:
         engine.dispose()
@@ -258,12 +375,18 @@ def load_sqlite(path: Path, shape: Shape) -> None:
     """Bulk-load a migrated SQLite file: indexes dropped and rebuilt, no fsync."""
     connection = sqlite3.connect(path, isolation_level=None)
     try:
-        for pragma in ("journal_mode=WAL", "synchronous=OFF", "cache_size=-1048576",
-                       "temp_store=MEMORY", "foreign_keys=OFF"):
+        for pragma in (
+            "journal_mode=WAL",
+            "synchronous=OFF",
+            "cache_size=-1048576",
+            "temp_store=MEMORY",
+            "foreign_keys=OFF",
+        ):
             connection.execute(f"PRAGMA {pragma}")
         indexes = connection.execute(
             "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages' "
-            "AND sql IS NOT NULL").fetchall()
+            "AND sql IS NOT NULL"
+        ).fetchall()
         connection.execute("BEGIN")
         for name, _statement in indexes:
             connection.execute(f'DROP INDEX "{name}"')
@@ -280,8 +403,9 @@ def load_sqlite(path: Path, shape: Shape) -> None:
         connection.close()
 
 
-def insert_sqlite(connection: sqlite3.Connection, table: str, columns: Sequence[str],
-                  rows: list[tuple[Any, ...]]) -> None:
+def insert_sqlite(
+    connection: sqlite3.Connection, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]
+) -> None:
     """One executemany of many rows."""
     marks = ", ".join("?" * len(columns))
     connection.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
@@ -293,13 +417,17 @@ def load_postgresql(url: str, shape: Shape) -> None:
 
     conninfo = url.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(conninfo) as connection:
-        for setting in ("session_replication_role = replica",  # no FK triggers on the load
-                                        "maintenance_work_mem = '1GB'", "synchronous_commit = off",
-                        "TimeZone = 'UTC'"):
+        for setting in (
+            "session_replication_role = replica",  # no FK triggers on the load
+            "maintenance_work_mem = '1GB'",
+            "synchronous_commit = off",
+            "TimeZone = 'UTC'",
+        ):
             connection.execute(f"SET {setting}")
         indexes = connection.execute(
             "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'messages' "
-            "AND indexname NOT IN (SELECT conname FROM pg_constraint)").fetchall()
+            "AND indexname NOT IN (SELECT conname FROM pg_constraint)"
+        ).fetchall()
         for name, _definition in indexes:
             connection.execute(f'DROP INDEX "{name}"')
         copy_postgresql(connection, "domains", COPY_DOMAINS, [domain_rows(shape)])
@@ -308,8 +436,10 @@ def load_postgresql(url: str, shape: Shape) -> None:
         for _name, definition in indexes:
             connection.execute(definition)
         for table in ("domains", "mailboxes", "messages"):
-            connection.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
-                               f"(SELECT max(id) FROM {table}))")
+            connection.execute(
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                f"(SELECT max(id) FROM {table}))"
+            )
         connection.commit()
     with psycopg.connect(conninfo, autocommit=True) as connection:
         connection.execute("ANALYZE")
@@ -333,11 +463,17 @@ def vacuum_postgresql(connection: Any, tries: int = 20) -> None:
     print(f"warning: only {visible} of {pages} pages of messages are all-visible")
 
 
-def copy_postgresql(connection: Any, table: str, columns: Sequence[str],
-                    batches: Iterator[list[tuple[Any, ...]]] | list[list[tuple[Any, ...]]]) -> None:
+def copy_postgresql(
+    connection: Any,
+    table: str,
+    columns: Sequence[str],
+    batches: Iterator[list[tuple[Any, ...]]] | list[list[tuple[Any, ...]]],
+) -> None:
     """COPY rows into a table."""
-    with connection.cursor() as cursor, cursor.copy(
-            f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+    with (
+        connection.cursor() as cursor,
+        cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy,
+    ):
         for rows in batches:
             for row in rows:
                 copy.write_row(row)
@@ -363,8 +499,13 @@ class Installation:
 
     def cli(self, *args: str) -> str:
         """Run a `cleanmail` command; return its output or raise with its stderr."""
-        result = subprocess.run([str(CLEANMAIL), *args], env=self.env,
-                                capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            [str(CLEANMAIL), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+        )
         if result.returncode:
             raise RuntimeError(f"cleanmail {' '.join(args)} failed:\n{result.stderr}")
         return result.stdout
@@ -392,14 +533,21 @@ def build(setup: Installation, shape: Shape, data_dir: Path) -> None:
 @contextlib.contextmanager
 def installation(tmp: Path, args: argparse.Namespace) -> Iterator[Installation]:
     """A loaded PostgreSQL cluster in tmp, or a SQLite data dir (cached between runs)."""
-    shape = Shape(args.messages, args.mailboxes, args.big,
-                  datetime.now(UTC).replace(minute=0, second=0, microsecond=0))
+    shape = Shape(
+        args.messages,
+        args.mailboxes,
+        args.big,
+        datetime.now(UTC).replace(minute=0, second=0, microsecond=0),
+    )
     if args.database == "postgresql":
         with PostgresServer(tmp) as server:
             server.create_database("cleanmail")
             data_dir = tmp / "data"
-            env = dict(base_env(data_dir), CLEANMAIL_DATABASE_URL=server.url("cleanmail"),
-                       CLEANMAIL_SECRET_KEY="bench-secret-key-bench-secret-key")
+            env = dict(
+                base_env(data_dir),
+                CLEANMAIL_DATABASE_URL=server.url("cleanmail"),
+                CLEANMAIL_SECRET_KEY="bench-secret-key-bench-secret-key",
+            )
             setup = Installation(env, "postgresql", server.url("cleanmail"), shape.big_ids())
             build(setup, shape, data_dir)
             yield setup
@@ -422,8 +570,12 @@ def sqlite_installation(shape: Shape, rebuild: bool) -> Installation:
     CACHE.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f"{key}.partial-", dir=CACHE))
     try:
-        setup = Installation(base_env(partial / "data"), "sqlite",
-                             f"sqlite:///{partial / 'data' / 'cleanmail.db'}", shape.big_ids())
+        setup = Installation(
+            base_env(partial / "data"),
+            "sqlite",
+            f"sqlite:///{partial / 'data' / 'cleanmail.db'}",
+            shape.big_ids(),
+        )
         build(setup, shape, partial / "data")
         partial.rename(final)
     except BaseException:
@@ -433,24 +585,33 @@ def sqlite_installation(shape: Shape, rebuild: bool) -> Installation:
 
 
 @contextlib.contextmanager
-def web_process(setup: Installation, workers: int,
-                log_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def web_process(
+    setup: Installation, workers: int, log_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """`cleanmail web` on a free port; stopped with SIGTERM."""
     port = free_port()
-    env = dict(setup.env, CLEANMAIL_WEB_LISTEN=f"127.0.0.1:{port}",
-               CLEANMAIL_WEB_WORKERS=str(workers))
+    env = dict(
+        setup.env, CLEANMAIL_WEB_LISTEN=f"127.0.0.1:{port}", CLEANMAIL_WEB_WORKERS=str(workers)
+    )
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([str(CLEANMAIL), "web"], env=env, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, start_new_session=True,
-                                preexec_fn=ingest.die_with_parent)
+        proc = subprocess.Popen(
+            [str(CLEANMAIL), "web"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=ingest.die_with_parent,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"web exited with {proc.returncode}:\n{log_path.read_text()}")
             with contextlib.suppress(OSError):
-                status, _body, _headers = fetch(http.client.HTTPConnection("127.0.0.1", port),
-                                                "/healthz")
+                status, _body, _headers = fetch(
+                    http.client.HTTPConnection("127.0.0.1", port), "/healthz"
+                )
                 if status == 200:
                     break
             if time.monotonic() > deadline:
@@ -464,8 +625,9 @@ def web_process(setup: Installation, workers: int,
 # --- client ------------------------------------------------------------------------------
 
 
-def fetch(connection: http.client.HTTPConnection, path: str,
-          cookie: str = "") -> tuple[int, bytes, http.client.HTTPMessage]:
+def fetch(
+    connection: http.client.HTTPConnection, path: str, cookie: str = ""
+) -> tuple[int, bytes, http.client.HTTPMessage]:
     """One GET on a kept-alive connection; the whole body is read."""
     connection.request("GET", path, headers={"Cookie": cookie} if cookie else {})
     response = connection.getresponse()
@@ -476,8 +638,14 @@ def log_in(port: int, setup: Installation) -> str:
     """The session cookie of the big mailbox, from a login link."""
     path = urlsplit(setup.cli("login-link", BIG_ADDRESS).strip()).path
     status, _body, headers = fetch(http.client.HTTPConnection("127.0.0.1", port), path)
-    cookie = next((value.split(";", 1)[0] for value in headers.get_all("Set-Cookie") or []
-                   if value.startswith("cleanmail_session=")), "")
+    cookie = next(
+        (
+            value.split(";", 1)[0]
+            for value in headers.get_all("Set-Cookie") or []
+            if value.startswith("cleanmail_session=")
+        ),
+        "",
+    )
     if status not in (302, 303) or not cookie:
         raise RuntimeError(f"login link answered {status} without a session cookie")
     return cookie
@@ -519,16 +687,25 @@ class PhaseResult:
 
     def percentile(self, share: float, label: str | None = None) -> float:
         """A latency percentile in milliseconds, of all requests or those of one path."""
-        chosen = [x for x, name in zip(self.latencies, self.labels, strict=True)
-                  if label is None or name == label]
+        chosen = [
+            x
+            for x, name in zip(self.latencies, self.labels, strict=True)
+            if label is None or name == label
+        ]
         if len(chosen) < 2:
             return chosen[0] * 1000 if chosen else 0.0
         cuts = statistics.quantiles(chosen, n=100, method="inclusive")
         return cuts[round(share * 100) - 1] * 1000
 
 
-def run_phase(port: int, cookie: str, paths: dict[str, str], connections: int, seconds: float,
-              server_pids: list[int]) -> PhaseResult:
+def run_phase(
+    port: int,
+    cookie: str,
+    paths: dict[str, str],
+    connections: int,
+    seconds: float,
+    server_pids: list[int],
+) -> PhaseResult:
     """`connections` threads, each on its own kept-alive connection, until the time is up."""
     result = PhaseResult()
     lock = threading.Lock()
@@ -602,44 +779,88 @@ def busy_since(before: tuple[int, int]) -> float:
 # --- output ------------------------------------------------------------------------------
 
 
-def print_table(args: argparse.Namespace, setup: Installation, results: dict[str, PhaseResult],
-                single: dict[str, PhaseResult], pages: dict[str, str], background: float) -> bool:
+def print_table(
+    args: argparse.Namespace,
+    setup: Installation,
+    results: dict[str, PhaseResult],
+    single: dict[str, PhaseResult],
+    pages: dict[str, str],
+    background: float,
+) -> bool:
     """The comparison table and any failures; True when the list page meets its targets."""
     trivial, listing = results["trivial"], results["list"]
     ratio = listing.rate / trivial.rate if trivial.rate else 0.0
     p95 = listing.percentile(0.95)
-    loaded = (f"loaded in {setup.load_seconds:.0f} s" if setup.load_seconds is not None
-              else "cached, --rebuild to rebuild")
-    print(f"\nWeb: {args.messages:,} messages, {args.mailboxes:,} mailboxes, big one "
-          f"{args.big:,}; database {args.database} ({loaded}); gunicorn workers {args.workers}; "
-          f"{args.seconds:.0f} s per page; {os.cpu_count()} CPUs, {background:.0%} busy "
-          "before the run")
+    loaded = (
+        f"loaded in {setup.load_seconds:.0f} s"
+        if setup.load_seconds is not None
+        else "cached, --rebuild to rebuild"
+    )
+    print(
+        f"\nWeb: {args.messages:,} messages, {args.mailboxes:,} mailboxes, big one "
+        f"{args.big:,}; database {args.database} ({loaded}); gunicorn workers {args.workers}; "
+        f"{args.seconds:.0f} s per page; {os.cpu_count()} CPUs, {background:.0%} busy "
+        "before the run"
+    )
     every = list(results.values())
-    rows = [("", "/healthz", "list page", "message page", "target"),
-            (f"requests/s, {args.connections} conns", *(f"{r.rate:.0f}" for r in every), ""),
-            ("share of /healthz", "", f"{ratio:.0%}",
-             f"{results['message'].rate / trivial.rate:.0%}" if trivial.rate else "",
-             f"list >= {TARGET_RATIO:.0%}  "
-             f"{ingest.verdict(ratio >= TARGET_RATIO)}"),
-            ("latency p50 ms", *(f"{r.percentile(0.5):.1f}" for r in every), ""),
-            ("latency p95 ms", *(f"{r.percentile(0.95):.1f}" for r in every),
-             f"list < {TARGET_P95_MS:.0f}  {ingest.verdict(p95 < TARGET_P95_MS)}"),
-            ("server CPU ms/request", *(f"{r.cpu_seconds * 1000 / max(1, len(r.latencies)):.2f}"
-                                        for r in every), ""),
-            ("machine CPU busy", *(f"{r.machine_busy:.0%}" for r in every),
-             "client, server and others share the CPUs"),
-            ("requests/s, 1 conn", *(f"{r.rate:.0f}" for r in single.values()), ""),
-            ("p50/p95 ms, 1 conn", *(f"{r.percentile(0.5):.1f}/{r.percentile(0.95):.1f}"
-                                     for r in single.values()), "no queueing: service time"),
-            ("requests", *(str(len(r.latencies) + len(o.latencies))
-                           for r, o in zip(every, single.values(), strict=True)), ""),
-            ("non-200", *(str(sum(r.failures.values()) + sum(o.failures.values()))
-                          for r, o in zip(every, single.values(), strict=True)), "0")]
+    rows = [
+        ("", "/healthz", "list page", "message page", "target"),
+        (f"requests/s, {args.connections} conns", *(f"{r.rate:.0f}" for r in every), ""),
+        (
+            "share of /healthz",
+            "",
+            f"{ratio:.0%}",
+            f"{results['message'].rate / trivial.rate:.0%}" if trivial.rate else "",
+            f"list >= {TARGET_RATIO:.0%}  {ingest.verdict(ratio >= TARGET_RATIO)}",
+        ),
+        ("latency p50 ms", *(f"{r.percentile(0.5):.1f}" for r in every), ""),
+        (
+            "latency p95 ms",
+            *(f"{r.percentile(0.95):.1f}" for r in every),
+            f"list < {TARGET_P95_MS:.0f}  {ingest.verdict(p95 < TARGET_P95_MS)}",
+        ),
+        (
+            "server CPU ms/request",
+            *(f"{r.cpu_seconds * 1000 / max(1, len(r.latencies)):.2f}" for r in every),
+            "",
+        ),
+        (
+            "machine CPU busy",
+            *(f"{r.machine_busy:.0%}" for r in every),
+            "client, server and others share the CPUs",
+        ),
+        ("requests/s, 1 conn", *(f"{r.rate:.0f}" for r in single.values()), ""),
+        (
+            "p50/p95 ms, 1 conn",
+            *(f"{r.percentile(0.5):.1f}/{r.percentile(0.95):.1f}" for r in single.values()),
+            "no queueing: service time",
+        ),
+        (
+            "requests",
+            *(
+                str(len(r.latencies) + len(o.latencies))
+                for r, o in zip(every, single.values(), strict=True)
+            ),
+            "",
+        ),
+        (
+            "non-200",
+            *(
+                str(sum(r.failures.values()) + sum(o.failures.values()))
+                for r, o in zip(every, single.values(), strict=True)
+            ),
+            "0",
+        ),
+    ]
     for row in rows:
         print(f"  {row[0]:<24}{row[1]:>10}{row[2]:>12}{row[3]:>14}   {row[4]}")
-    print("  list p50/p95 ms by depth: " + ", ".join(
-        f"{label} {listing.percentile(0.5, label):.0f}/{listing.percentile(0.95, label):.0f}"
-        for label in pages))
+    print(
+        "  list p50/p95 ms by depth: "
+        + ", ".join(
+            f"{label} {listing.percentile(0.5, label):.0f}/{listing.percentile(0.95, label):.0f}"
+            for label in pages
+        )
+    )
     for name, result in [*results.items(), *single.items()]:
         for code, count in sorted(result.failures.items()):
             print(f"  {name} non-200 {code}: {count}")
@@ -675,8 +896,10 @@ def explain_list_page(setup: Installation) -> None:
         began = time.perf_counter()
         client.get("/")
         timings.append(time.perf_counter() - began)
-    print(f"\nList page in-process: median {statistics.median(timings) * 1000:.1f} ms over 30; "
-          f"its {len(statements)} statements:")
+    print(
+        f"\nList page in-process: median {statistics.median(timings) * 1000:.1f} ms over 30; "
+        f"its {len(statements)} statements:"
+    )
     prefix = "EXPLAIN QUERY PLAN " if setup.database == "sqlite" else "EXPLAIN (ANALYZE, BUFFERS) "
     with engine.connect() as connection:
         for statement, parameters in statements:
@@ -685,8 +908,10 @@ def explain_list_page(setup: Installation) -> None:
                 began = time.perf_counter()
                 connection.exec_driver_sql(statement, parameters).fetchall()
                 runs.append(time.perf_counter() - began)
-            print(f"\n  {statistics.median(runs) * 1000:.2f} ms  {' '.join(statement.split())}"
-                  f"\n  parameters {parameters}")
+            print(
+                f"\n  {statistics.median(runs) * 1000:.2f} ms  {' '.join(statement.split())}"
+                f"\n  parameters {parameters}"
+            )
             for row in connection.exec_driver_sql(prefix + statement, parameters):
                 print("    " + " ".join(str(value) for value in row))
     profile = cProfile.Profile()
@@ -710,15 +935,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--mailboxes", type=int, default=100_000)
-    parser.add_argument("--big", type=int, default=10_000,
-                        help="messages of the big mailbox, whose pages are requested")
+    parser.add_argument(
+        "--big",
+        type=int,
+        default=10_000,
+        help="messages of the big mailbox, whose pages are requested",
+    )
     parser.add_argument("--seconds", type=float, default=15.0, help="per page measured")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="CLEANMAIL_WEB_WORKERS")
-    parser.add_argument("--rebuild", action="store_true",
-                        help=f"rebuild the SQLite database cached in {CACHE}")
-    parser.add_argument("--explain", action="store_true",
-                        help="also show the list page's SQL plans and a Python profile")
+    parser.add_argument(
+        "--rebuild", action="store_true", help=f"rebuild the SQLite database cached in {CACHE}"
+    )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="also show the list page's SQL plans and a Python profile",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.big <= args.messages or args.mailboxes < 2:
         parser.error("need 0 < --big <= --messages and at least 2 mailboxes")
@@ -734,22 +967,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp.chmod(0o755)  # PostgreSQL runs as its own user and must reach its directory
         print(f"building the {args.database} database ...", flush=True)
         setup = stack.enter_context(installation(tmp, args))
-        print("loaded in " + (f"{setup.load_seconds:.1f} s" if setup.load_seconds is not None
-                              else "0 s: cached (--rebuild to rebuild)"), flush=True)
+        print(
+            "loaded in "
+            + (
+                f"{setup.load_seconds:.1f} s"
+                if setup.load_seconds is not None
+                else "0 s: cached (--rebuild to rebuild)"
+            ),
+            flush=True,
+        )
         background = machine_busy(1.0)
         proc, port = stack.enter_context(web_process(setup, args.workers, tmp / "web.log"))
         cookie = log_in(port, setup)
         pages = list_pages(port, cookie)
-        phases = {"trivial": {"healthz": "/healthz"}, "list": pages,
-                  "message": {f"message {i}": f"/messages/{i}" for i in setup.content_ids}}
+        phases = {
+            "trivial": {"healthz": "/healthz"},
+            "list": pages,
+            "message": {f"message {i}": f"/messages/{i}" for i in setup.content_ids},
+        }
         results, single = {}, {}
         for name, paths in phases.items():
             pids = ingest.family(proc.pid)  # gunicorn's workers, whenever they started
             run_phase(port, cookie, paths, args.connections, WARMUP_SECONDS, pids)
             results[name] = run_phase(port, cookie, paths, args.connections, args.seconds, pids)
             single[name] = run_phase(port, cookie, paths, 1, max(3.0, args.seconds / 3), pids)
-            print(f"{name}: {results[name].rate:.0f} requests/s, "
-                  f"{single[name].rate:.0f} on one connection", flush=True)
+            print(
+                f"{name}: {results[name].rate:.0f} requests/s, "
+                f"{single[name].rate:.0f} on one connection",
+                flush=True,
+            )
         print_table(args, setup, results, single, pages, background)
         if args.explain:
             explain_list_page(setup)
