@@ -640,6 +640,20 @@ def spawned(target: Any, *args: Any) -> Iterator[Any]:
             proc.join()
 
 
+def start_cleanmail(command: str, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a `cleanmail` daemon in its own session, logging to `log_path`; dies with us."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [str(CLEANMAIL), command],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+
+
 @contextlib.contextmanager
 def filter_process(
     setup: Installation,
@@ -658,16 +672,7 @@ def filter_process(
     )
     if workers:
         env["CLEANMAIL_FILTER_WORKERS"] = str(workers)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [str(CLEANMAIL), "filter"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
+    proc = start_cleanmail("filter", env, log_path)
     spy: subprocess.Popen[bytes] | None = None
     try:
         wait_listening(port, proc, log_path)

@@ -593,16 +593,7 @@ def web_process(
     env = dict(
         setup.env, CLEANMAIL_WEB_LISTEN=f"127.0.0.1:{port}", CLEANMAIL_WEB_WORKERS=str(workers)
     )
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [str(CLEANMAIL), "web"],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            preexec_fn=ingest.die_with_parent,
-        )
+    proc = ingest.start_cleanmail("web", env, log_path)
     try:
         deadline = time.monotonic() + 60
         while True:
