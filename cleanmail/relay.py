@@ -97,21 +97,21 @@ class Relay:
         client.command_encoding = "utf-8" if "SMTPUTF8" in mail_options else "ascii"
         code, reply = client.mail(sender, mail_options)
         if code != 250:
-            raise RelayError(code, _text(reply))
+            raise RelayError(code, reply_text(reply))
         refused = {}
         for recipient in recipients:
             code, reply = client.rcpt(recipient)
             if code not in (250, 251):
                 refused[recipient] = (code, reply)
         if refused:
-            raise _refusal(refused, partial=len(refused) < len(recipients))
+            raise refusal(refused, partial=len(refused) < len(recipients))
         code, reply = client.docmd("DATA")
         if code != 354:
-            raise RelayError(code, _text(reply))
+            raise RelayError(code, reply_text(reply))
         _write_data(client, chunks)
         code, reply = client.getreply()
         if code != 250:
-            raise RelayError(code, _text(reply))
+            raise RelayError(code, reply_text(reply))
 
     def _connection(self) -> smtplib.SMTP:
         client: smtplib.SMTP | None = getattr(self._local, "client", None)
@@ -175,16 +175,18 @@ def _write_data(client: smtplib.SMTP, chunks: Sequence[bytes]) -> None:
     sock.sendall(b".\r\n" if last == b"\n" else b"\r\n.\r\n")
 
 
-def _text(value: bytes | str) -> str:
+def reply_text(value: bytes | str) -> str:
+    """A reply's text on one line, at most 400 characters."""
     text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
     return " ".join(text.split())[:400]
 
 
-def _refusal(refused: dict, *, partial: bool = False) -> RelayError:
+def refusal(refused: dict, *, partial: bool = False) -> RelayError:
+    """The error for refused recipients: 451 when some were taken or any refusal was temporary."""
     codes = [code for code, _text_ in refused.values()]
     first_code, first_text = next(iter(refused.values()))
     if partial or any(code < 500 for code in codes):
         return RelayError(
-            451, f"4.4.0 relay refused {len(refused)} recipients: {_text(first_text)}"
+            451, f"4.4.0 relay refused {len(refused)} recipients: {reply_text(first_text)}"
         )
-    return RelayError(first_code, _text(first_text))
+    return RelayError(first_code, reply_text(first_text))

@@ -411,17 +411,28 @@ class ReceivedMessage(NamedTuple):
 
 
 class SmtpSink(_Server):
-    """An aiosmtpd server that records what it receives; set `refuse` to fail DATA."""
+    """An aiosmtpd server that records what it receives; set `refuse` to fail DATA.
+
+    ``pipelining`` makes it advertise PIPELINING as Postfix does (aiosmtpd reads
+    pipelined commands either way); ``refuse_rcpt`` maps recipients to a refusal;
+    ``timeout`` is how long an idle connection stays open (aiosmtpd then says 421).
+    """
 
     def __init__(
         self,
         host: str = "127.0.0.1",
         port: int = 0,
         on_message: Callable[[ReceivedMessage], None] | None = None,
+        *,
+        pipelining: bool = False,
+        timeout: float = 300.0,
     ) -> None:
         self.host = host
         self.port = port
+        self.pipelining = pipelining
+        self.timeout = timeout
         self.refuse: str | None = None  # e.g. "451 4.3.0 try later"
+        self.refuse_rcpt: dict[str, str] = {}  # e.g. {"x@example.no": "550 5.1.1 unknown"}
         self.on_message = on_message  # runs before recording; an exception answers 451
         self._messages: list[ReceivedMessage] = []
         self._changed = threading.Condition()
@@ -444,6 +455,29 @@ class SmtpSink(_Server):
             if not self._changed.wait_for(lambda: len(self._messages) >= count, timeout):
                 raise TimeoutError(f"{len(self._messages)} of {count} messages arrived")
             return list(self._messages)
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """aiosmtpd's EHLO reply, with PIPELINING when asked to offer it."""
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(1, "250-PIPELINING")
+        return responses
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        """Take the recipient, unless `refuse_rcpt` names it."""
+        if address in self.refuse_rcpt:
+            return self.refuse_rcpt[address]
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         """Record the message, or answer with `refuse`."""
@@ -473,6 +507,7 @@ class SmtpSink(_Server):
                 server_hostname="sink.cleanmail.invalid",
                 data_size_limit=None,
                 ready_timeout=10,
+                timeout=self.timeout,
             )
             try:
                 controller.start()

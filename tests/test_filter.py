@@ -339,3 +339,26 @@ def test_idle_connections_time_out_and_busy_ones_do_not():
     busy, idle = asyncio.run(scenario())
     assert busy >= 1.5
     assert 0.5 <= idle < 5  # the timeout counts from the last command
+
+
+def test_a_pipelining_client_gets_every_reply_in_order(served, filter_server, smtp_sink):
+    """Postfix sends MAIL, RCPT and DATA in one write when the filter offers PIPELINING."""
+    with smtplib.SMTP("127.0.0.1", filter_server.port, timeout=30) as client:
+        client.ehlo("mx.cleanmail.test")
+        assert client.has_extn("pipelining")
+        finals = []
+        for body in ("ham\n", f"{GTUBE}\n"):
+            client.send(
+                "MAIL FROM:<kari@example.com>\r\nRCPT TO:<ola@example.no>\r\n"
+                "RCPT TO:<not-an-address>\r\nDATA\r\n"
+            )
+            replies = [client.getreply()[0] for _command in range(4)]
+            assert replies == [250, 250, 501, 354]
+            client.send(message(body=body) + b".\r\n")
+            finals.append(client.getreply())
+    assert [(code, text.rpartition(b" ")[2]) for code, text in finals] == [
+        (250, b"pass"),
+        (250, b"quarantine"),
+    ]
+    assert len(smtp_sink.wait_for(1)) == 1
+    assert [row.mailbox.address for row in held(served)] == ["ola@example.no"]

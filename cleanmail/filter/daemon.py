@@ -16,9 +16,9 @@ from cleanmail.config import Config
 from cleanmail.filter import auth, learned, rules, server
 from cleanmail.filter.engines import Engine, ExternalEngine
 from cleanmail.filter.pipeline import Pipeline
+from cleanmail.filter.reinject import Reinjector
 from cleanmail.filter.rspamd import RspamdEngine
 from cleanmail.filter.spamassassin import SpamAssassinEngine
-from cleanmail.relay import Relay
 from cleanmail.store import Store
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def build_pipeline(config: Config, database: db.Database) -> Pipeline:
         config,
         database,
         Store(config.store_dir),
-        Relay(config.relay, timeout=config.relay_timeout, hostname=config.hostname),
+        Reinjector(config.relay, timeout=config.relay_timeout, hostname=config.hostname),
         engines(config, database),
         auth.Authenticator(
             config.trusted_authserv_id,

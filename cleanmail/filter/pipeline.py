@@ -6,9 +6,9 @@ SPF/DMARC did not refute), no blocked attachment, and the embedded engines' scor
 the domain's reject threshold (always, for domains that do not reject).
 
 ``analyze`` is pure computation on the message; ``decide`` reads the database and asks
-the external engines (both bounded by the filter's time limit); ``deliver`` stores the
-quarantined copies and then re-injects the passed ones, so that a 250 is only ever given
-for mail that is safe.
+the external engines (both bounded by the filter's time limit); ``hold`` stores the
+quarantined copies and then ``pass_on`` re-injects the passed ones, so that a 250 is only
+ever given for mail that is safe.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from cleanmail.db import Database
 from cleanmail.filter import attachments, auth
 from cleanmail.filter.committer import Committer
 from cleanmail.filter.engines import Engine, EngineError, EngineResult, Envelope, Hit
+from cleanmail.filter.reinject import Reinjector
 from cleanmail.models import Domain, ListAction
-from cleanmail.relay import Relay
 from cleanmail.store import Store, digest
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,6 @@ class Analysis:
     envelope: Envelope
     findings: list[attachments.Finding]
     result: EngineResult
-    seconds: float = 0.0  # time spent checking and deciding (set by the filter server)
 
     def reasons(self) -> list[dict[str, Any]]:
         """Blocked attachments if any, else the engines' hits, as stored reasons."""
@@ -112,7 +111,7 @@ class Pipeline:
         config: Config,
         database: Database,
         store: Store,
-        relay: Relay,
+        reinjector: Reinjector,
         engines: Sequence[Engine],
         authenticator: auth.Authenticator,
         *,
@@ -121,7 +120,7 @@ class Pipeline:
         self.config = config
         self.database = database
         self.store = store
-        self.relay = relay
+        self.reinjector = reinjector
         self.engines = list(engines)
         self.external = list(external)
         self.authenticator = authenticator
@@ -302,10 +301,11 @@ class Pipeline:
             )
         return cache[0].fails_for(mime.address_domain(match.address), match.via)
 
-    def deliver(self, raw: bytes, analysis: Analysis, decisions: list[Decision]) -> str | None:
-        """Quarantine, then re-inject; returns a reject reply, or None when all went well.
+    def hold(self, raw: bytes, analysis: Analysis, decisions: list[Decision]) -> str | None:
+        """Quarantine the held copies; a reject reply when every recipient is rejected.
 
-        Raises RelayError, StoreError or SQLAlchemyError; the server answers 4xx for those.
+        Runs in a worker thread, before ``pass_on``. Raises StoreError or SQLAlchemyError;
+        the server answers 4xx for those.
         """
         envelope = analysis.envelope
         rejected = [d for d in decisions if d.verdict == REJECT]
@@ -313,45 +313,51 @@ class Pipeline:
             return REPLY_REJECTED
         # SMTP has one reply for all recipients: where others are taken, rejects are held.
         held = [d for d in decisions if d.verdict in (QUARANTINE, REJECT)]
-        if held:
-            origin = quarantine.Origin(
-                envelope.sender, envelope.client_address, envelope.client_helo
-            )
-            holds = [quarantine.Hold(d.mailbox_id, d.score, d.reasons) for d in held]
-            sha = digest(raw)
-            # Written and fsynced before the transaction, in this thread, so that no
-            # write lock is held while the disk works; hold() only checks it is there.
-            self.store.ensure(sha, raw)
-            ids = self.committer.run(
-                lambda session: quarantine.hold(
-                    session,
-                    self.store,
-                    raw,
-                    analysis.parsed,
-                    origin,
-                    holds,
-                    retention_days=self.config.retention_days,
-                    sha256=sha,
-                ),
-                key=sha,
-            )
-            logs.event(
-                log,
-                "message.quarantine",
-                message_ids=ids,
-                mailbox_ids=[d.mailbox_id for d in held],
-                sender=envelope.sender,
-            )
+        if not held:
+            return None
+        origin = quarantine.Origin(envelope.sender, envelope.client_address, envelope.client_helo)
+        holds = [quarantine.Hold(d.mailbox_id, d.score, d.reasons) for d in held]
+        sha = digest(raw)
+        # Written and fsynced before the transaction, in this thread, so that no
+        # write lock is held while the disk works; hold() only checks it is there.
+        self.store.ensure(sha, raw)
+        ids = self.committer.run(
+            lambda session: quarantine.hold(
+                session,
+                self.store,
+                raw,
+                analysis.parsed,
+                origin,
+                holds,
+                retention_days=self.config.retention_days,
+                sha256=sha,
+            ),
+            key=sha,
+        )
+        logs.event(
+            log,
+            "message.quarantine",
+            message_ids=ids,
+            mailbox_ids=[d.mailbox_id for d in held],
+            sender=envelope.sender,
+        )
+        return None
+
+    async def pass_on(self, raw: bytes, analysis: Analysis, decisions: list[Decision]) -> None:
+        """Re-inject the passed copies, one transaction per set of added headers.
+
+        Runs on the event loop once ``hold`` succeeded; raises RelayError.
+        """
+        envelope = analysis.envelope
         groups: dict[bytes, list[str]] = {}
         for decision in decisions:
             if decision.verdict == PASS:
                 prefix = b"" if decision.mailbox_id is None else pass_headers(decision)
                 groups.setdefault(prefix, []).append(decision.recipient)
         for prefix, recipients in groups.items():
-            self.relay.send(
+            await self.reinjector.send(
                 envelope.sender, recipients, raw, prefix=prefix, options=envelope.mail_options
             )
-        return None
 
 
 REPLY_REJECTED = "550 5.7.1 Message refused as spam"
