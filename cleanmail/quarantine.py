@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -60,60 +59,105 @@ def hold(
     that a concurrent delete of the last reference cannot remove it after we checked.
     ``sha256``: the message's digest, when the caller has it already.
     """
+    connection = session.connection()
+    return hold_on_driver(
+        connection.connection,
+        connection.dialect,
+        store,
+        raw,
+        parsed,
+        origin,
+        holds,
+        retention_days=retention_days,
+        now=now,
+        sha256=sha256,
+    )
+
+
+def hold_on_driver(
+    dbapi_connection: Any,
+    dialect: Any,
+    store: Store,
+    raw: bytes,
+    parsed: mime.ParsedMessage,
+    origin: Origin,
+    holds: Sequence[Hold],
+    *,
+    retention_days: int,
+    now: datetime | None = None,
+    sha256: str | None = None,
+) -> list[int]:
+    """``hold`` on the driver's connection, inside the transaction it has open.
+
+    The filter's group commit runs this for many messages a second; the rows are the
+    same as through a Session (the same statements and type processing).
+    """
     now = now or utcnow()
     sha = sha256 or digest(raw)
-    lock_raw, insert_rows = _hold_statements(session.get_bind().dialect.name)
-    connection = session.connection()
-    connection.execute(lock_raw, {"sha256": sha, "size": len(raw), "created_at": now})
-    store.ensure(sha, raw)
+    lock_raw, insert_row = _hold_statements(dialect)
     sender_domain = mime.address_domain(parsed.from_address or origin.sender)
-    rows = [
-        {
-            "mailbox_id": item.mailbox_id,
-            "raw_sha256": sha,
-            "envelope_sender": mime.clean_text(origin.sender, 998),
-            "from_header": parsed.from_header,
-            "from_address": parsed.from_address,
-            "sender_domain": sender_domain[:253],
-            "subject": parsed.subject,
-            "message_id_header": parsed.message_id,
-            "date_header": parsed.date,
-            "size": len(raw),
-            "score": item.score,
-            "reasons": item.reasons,
-            "status": Status.NEW,
-            "received_at": now,
-            "expires_at": now + timedelta(days=retention_days),
-            "release_attempts": 0,
-            "client_address": origin.client_address,
-            "client_helo": mime.clean_text(origin.client_helo or "", 255) or None,
-        }
+    cursor = dbapi_connection.cursor()
+    try:
+        lock_raw.execute(cursor, {"sha256": sha, "size": len(raw), "created_at": now})
+        store.ensure(sha, raw)
+        ids = []
         # In mailbox order: on PostgreSQL each row locks its mailbox's version (migration
         # 0009) until the commit, and one order for every message means no deadlock.
-        for item in sorted(holds, key=lambda hold: hold.mailbox_id)
-    ]
-    if not rows:
-        return []
-    return list(connection.scalars(insert_rows, rows))
+        for item in sorted(holds, key=lambda hold: hold.mailbox_id):
+            row = {
+                "mailbox_id": item.mailbox_id,
+                "raw_sha256": sha,
+                "envelope_sender": mime.clean_text(origin.sender, 998),
+                "from_header": parsed.from_header,
+                "from_address": parsed.from_address,
+                "sender_domain": sender_domain[:253],
+                "subject": parsed.subject,
+                "message_id_header": parsed.message_id,
+                "date_header": parsed.date,
+                "size": len(raw),
+                "score": item.score,
+                "reasons": item.reasons,
+                "status": Status.NEW,
+                "received_at": now,
+                "expires_at": now + timedelta(days=retention_days),
+                "release_attempts": 0,
+                "client_address": origin.client_address,
+                "client_helo": mime.clean_text(origin.client_helo or "", 255) or None,
+            }
+            # Nothing comes back for a copy held already (a retried message).
+            ids += [found for (found,) in insert_row.execute(cursor, row).fetchall()]
+        return ids
+    finally:
+        cursor.close()
 
 
-@functools.cache
-def _hold_statements(dialect: str) -> tuple[Any, Any]:
-    """The raw-message upsert and the message insert, built once per backend.
+_HOLD_COLUMNS = (
+    "mailbox_id raw_sha256 envelope_sender from_header from_address sender_domain subject "
+    "message_id_header date_header size score reasons status received_at expires_at "
+    "release_attempts client_address client_helo"
+).split()
+_hold_compiled: dict[tuple[str, str], tuple[sql.DriverStatement, sql.DriverStatement]] = {}
 
-    The filter holds many messages a second: building these anew each time cost more
-    than running them. Parameters rather than inline values, so they compile once.
-    """
-    upsert = sql.insert_for(dialect, RawMessage.__table__)
-    lock_raw = upsert.on_conflict_do_update(
-        index_elements=["sha256"], set_={"size": upsert.excluded.size}
-    )
-    insert_rows = (
-        sql.insert_for(dialect, Message.__table__)
-        .on_conflict_do_nothing(index_elements=["mailbox_id", "raw_sha256"])
-        .returning(Message.__table__.c.id)
-    )
-    return lock_raw, insert_rows
+
+def _hold_statements(dialect: Any) -> tuple[sql.DriverStatement, sql.DriverStatement]:
+    """The raw-message upsert and the message insert, compiled once per backend."""
+    key = (dialect.name, dialect.driver)
+    found = _hold_compiled.get(key)
+    if found is None:
+        upsert = sql.insert_for(dialect.name, RawMessage.__table__)
+        lock_raw = upsert.on_conflict_do_update(
+            index_elements=["sha256"], set_={"size": upsert.excluded.size}
+        )
+        insert_row = (
+            sql.insert_for(dialect.name, Message.__table__)
+            .on_conflict_do_nothing(index_elements=["mailbox_id", "raw_sha256"])
+            .returning(Message.__table__.c.id)
+        )
+        found = _hold_compiled[key] = (
+            sql.DriverStatement(lock_raw, dialect, ["sha256", "size", "created_at"]),
+            sql.DriverStatement(insert_row, dialect, _HOLD_COLUMNS),
+        )
+    return found
 
 
 def get(session: Session, message_id: int, *, mailbox: Mailbox | None = None) -> Message:

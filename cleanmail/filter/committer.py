@@ -12,11 +12,12 @@ for mail that is stored. A failed commit fails every message of the batch (each 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import DBAPIError
 
 from cleanmail.db import Database
 
@@ -36,7 +37,7 @@ class _Work(Generic[T]):
 
     __slots__ = ("done", "error", "key", "lead", "result", "run")
 
-    def __init__(self, run: Callable[[Session], T], key: str) -> None:
+    def __init__(self, run: Callable[[Any], T], key: str) -> None:
         self.run = run
         self.key = key
         self.done = threading.Event()
@@ -67,8 +68,10 @@ class Committer:
         with self._lock:
             return len(self._waiting)
 
-    def run(self, work: Callable[[Session], T], *, key: str = "") -> T:
-        """Run ``work(session)`` in a write transaction; its result once that has committed.
+    def run(self, work: Callable[[Any], T], *, key: str = "") -> T:
+        """Run ``work(connection)`` in a write transaction; its result once it has committed.
+
+        ``connection``: the driver's connection (from SQLAlchemy's pool), in a transaction.
 
         Batches run their work in ``key`` order, so that two filter processes lock the
         same rows in the same order (no deadlock on PostgreSQL).
@@ -114,21 +117,73 @@ class Committer:
 
     def _run_batch(self, batch: list[_Work[Any]]) -> None:
         self.batches += 1
+        engine = self.database.engine
+        dbapi_error = engine.dialect.loaded_dbapi.Error
+        connection = engine.raw_connection()
+        statement = "BEGIN"
         try:
-            with self.database.session_scope(write=True) as session:
+            cursor = connection.cursor()
+            try:
+                _begin(connection, cursor, engine.dialect.name)
                 if len(batch) == 1:
-                    batch[0].result = batch[0].run(session)
-                    return
-                for item in batch:
-                    try:
-                        with session.begin_nested():
-                            item.result = item.run(session)
-                    except Exception as exc:  # handed to that message's thread
-                        item.error = exc
-                        # A savepoint that failed to roll back leaves nothing to save.
-                        if not session.is_active:
-                            raise
+                    batch[0].result = batch[0].run(connection)
+                else:
+                    for item in batch:
+                        statement = "SAVEPOINT message"
+                        cursor.execute(statement)
+                        try:
+                            item.result = item.run(connection)
+                        except Exception as exc:  # handed to that message's thread
+                            item.error = _wrapped(exc, dbapi_error, "")
+                            # A savepoint that fails to roll back fails the whole batch.
+                            statement = "ROLLBACK TO SAVEPOINT message"
+                            cursor.execute(statement)
+                        statement = "RELEASE SAVEPOINT message"
+                        cursor.execute(statement)
+                statement = "COMMIT"
+                connection.commit()
+            finally:
+                cursor.close()
         except BaseException as exc:
+            failure = _wrapped(exc, dbapi_error, statement)
+            if isinstance(exc, dbapi_error) and (
+                getattr(failure, "connection_invalidated", False) or _gone(connection)
+            ):
+                connection.invalidate(exc)  # never handed out again
+            else:
+                with contextlib.suppress(dbapi_error):
+                    connection.rollback()
             for item in batch:
                 if item.error is None:
-                    item.error, item.result = exc, None
+                    item.error, item.result = failure, None
+        finally:
+            connection.close()  # back to the pool
+
+
+def _begin(connection: Any, cursor: Any, dialect: str) -> None:
+    """Open the write transaction as ``Database.session_scope(write=True)`` does.
+
+    SQLite: take the write lock at once, with every commit synced (``PRAGMA
+    synchronous`` may have been relaxed on this connection by other bookkeeping).
+    PostgreSQL: psycopg opens the transaction with the first statement.
+    """
+    if dialect != "sqlite":
+        return
+    info = connection.info
+    if info.get("synchronous", "FULL") != "FULL":
+        cursor.execute("PRAGMA synchronous=FULL")
+        info["synchronous"] = "FULL"
+    cursor.execute("BEGIN IMMEDIATE")
+
+
+def _wrapped(exc: BaseException, dbapi_error: type[Exception], statement: str) -> BaseException:
+    """A driver error as SQLAlchemy's (the filter answers 451 for those); others as they are."""
+    if isinstance(exc, dbapi_error):
+        return DBAPIError.instance(statement, None, exc, dbapi_error)
+    return exc
+
+
+def _gone(connection: Any) -> bool:
+    """Whether the driver connection is closed or broken (PostgreSQL ended it)."""
+    driver = getattr(connection, "dbapi_connection", connection)
+    return bool(getattr(driver, "closed", False)) or getattr(driver, "broken", False)

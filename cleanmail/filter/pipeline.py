@@ -321,9 +321,11 @@ class Pipeline:
         # Written and fsynced before the transaction, in this thread, so that no
         # write lock is held while the disk works; hold() only checks it is there.
         self.store.ensure(sha, raw)
+        dialect = self.database.engine.dialect
         ids = self.committer.run(
-            lambda session: quarantine.hold(
-                session,
+            lambda connection: quarantine.hold_on_driver(
+                connection,
+                dialect,
                 self.store,
                 raw,
                 analysis.parsed,
