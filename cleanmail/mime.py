@@ -54,6 +54,10 @@ def decode_header(value: object) -> str:
     if value is None:
         return ""
     text = str(value) if not isinstance(value, email.header.Header) else value
+    if isinstance(text, str) and text.isascii() and "=?" not in text:
+        # Most headers: no encoded words, nothing to decode. " ".join(split()) is the
+        # _SPACE.sub(" ", ...).strip() below (both split on str.isspace characters).
+        return clean_text(" ".join(text[:MAX_ENCODED_HEADER].split()))
     if isinstance(text, str) and len(text) > MAX_ENCODED_HEADER:
         # email.header.decode_header is quadratic in the number of encoded words.
         text = text[:MAX_ENCODED_HEADER]
@@ -143,13 +147,22 @@ class ParsedMessage:
     defects: list[str]
     # What the engines derive from the message alone (filter.view.View), computed once for all.
     derived: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # Decoded headers by lower-case name: the rules and the tokenizer ask for the same ones.
+    _decoded: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def header(self, name: str) -> str:
         """One header, decoded (the first of several), or ``""``."""
+        key = name.lower()
         try:
-            return decode_header(self.headers.get(name))
+            return self._decoded[key]
+        except KeyError:
+            pass
+        try:
+            value = decode_header(self.headers.get(name))
         except Exception:
-            return ""
+            value = ""
+        self._decoded[key] = value
+        return value
 
     def header_all(self, name: str) -> list[str]:
         """Every instance of a header, decoded."""

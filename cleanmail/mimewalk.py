@@ -110,10 +110,13 @@ class IndexedMessage(Message):
     """A compat32 Message whose header look-ups use an index instead of a scan.
 
     The checks ask for some twenty headers of every message, and Message.get walks
-    the whole header list each time.
+    the whole header list each time. The parameters of a header (Content-Type's
+    charset, name and boundary) are parsed once too: the package parses them again
+    for every ``get_param``.
     """
 
     _index: dict[str, list[tuple[str, str]]] | None = None
+    _params: dict[str, Any] | None = None
 
     def _headers_by_name(self) -> dict[str, list[tuple[str, str]]]:
         if self._index is None:
@@ -141,18 +144,42 @@ class IndexedMessage(Message):
             return failobj
         return [self.policy.header_fetch_parse(k, v) for k, v in found]
 
+    def _get_params_preserve(self, failobj: Any, header: str) -> Any:
+        """A header's parameters as the package parses them, parsed once per header."""
+        key = header.lower()
+        if self._params is None:
+            self._params = {}
+        try:
+            params = self._params[key]
+        except KeyError:
+            params = self._params[key] = super()._get_params_preserve(_ABSENT, header)
+        return failobj if params is _ABSENT else params
+
     def set_raw(self, name: str, value: Any) -> None:
         """Add a header (and forget the index)."""
-        self._index = None
+        self._index = self._params = None
         super().set_raw(name, value)
 
+    def add_header(self, _name: str, _value: Any, **_params: Any) -> None:
+        """Add a header with parameters (and forget the index)."""
+        self._index = self._params = None
+        super().add_header(_name, _value, **_params)
+
+    def replace_header(self, _name: str, _value: Any) -> None:
+        """Replace a header's first value (and forget the index)."""
+        self._index = self._params = None
+        super().replace_header(_name, _value)
+
     def __setitem__(self, name: str, value: Any) -> None:
-        self._index = None
+        self._index = self._params = None
         super().__setitem__(name, value)
 
     def __delitem__(self, name: str) -> None:
-        self._index = None
+        self._index = self._params = None
         super().__delitem__(name)
+
+
+_ABSENT = object()  # what a header's parameters are when it is not there
 
 
 def _header_message(block: bytes) -> tuple[Message, int]:

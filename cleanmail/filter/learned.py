@@ -88,9 +88,10 @@ def explain(
     weights = model.weights[classifier.hashes(tokens) if features is None else features]
     shares: dict[str, float] = {}
     words: list[tuple[float, str]] = []
-    for token, weight in zip(tokens, weights.tolist(), strict=False):
-        if weight <= 0:
-            continue
+    # Only the tokens that weigh for spam, still in token order (the sums stay the same).
+    positive = np.flatnonzero(~(weights <= 0)).tolist()
+    for index, weight in zip(positive, weights[positive].tolist(), strict=True):
+        token = tokens[index]
         what = kind(token)
         shares[what] = shares.get(what, 0.0) + weight
         if what == "words" and not token.startswith("long:"):

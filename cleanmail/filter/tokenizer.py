@@ -37,6 +37,17 @@ _CHARSET_PARAM = re.compile(r";\s*charset\s*=\s*\"?[\w.:-]{0,40}\"?", re.I)
 _TAG_NAME = re.compile(r"<([a-z][a-z0-9]{0,10})\b")
 _IP_HOST = re.compile(r"^[\d.]{7,15}$|^\d{8,10}$|^0x[0-9a-f]{8}$")
 _NINES = str.maketrans("012345678", "999999999")
+# For ASCII text: the bytes _WORD can match kept (digits read as 9), all others made
+# spaces, so that bytes.split finds the runs words lie in at C speed. A run of letters
+# and digits no longer than _WORD's longest match is one word; the rest go to _WORD.
+_ASCII_RUNS = (
+    bytes(
+        (57 if chr(b) in "012345678" else b) if re.match(r"[\w'.-]", chr(b)) else 32
+        for b in range(128)
+    )
+    + b" " * 128
+)
+_LONGEST = 42
 _EMPTY = engines.Envelope("", ())
 # Headers whose words are tokens of their own; the rest count by name only.
 WORD_HEADERS = ("subject", "from", "to", "reply-to", "x-mailer", "user-agent", "content-type")
@@ -60,7 +71,10 @@ def _words(text: str, prefix: str = "") -> list[str]:
 
     So prices, phone numbers and tracking ids of one shape are one token.
     """
-    text = text[:BODY_LIMIT].lower().translate(_NINES)
+    text = text[:BODY_LIMIT].lower()
+    if text.isascii():
+        return _ascii_words(text, prefix)
+    text = text.translate(_NINES)
     out = []
     if _CJK_RUN.search(text):
         for run in _CJK_RUN.findall(text):
@@ -69,6 +83,22 @@ def _words(text: str, prefix: str = "") -> list[str]:
     words = _WORD.findall(text)
     out += [prefix + word for word in words if 2 < len(word) <= MAX_WORD]
     out += [f"{prefix}long:{size}" for size in {len(w) // 10 for w in words if len(w) > MAX_WORD}]
+    return out
+
+
+def _ascii_words(text: str, prefix: str) -> list[str]:
+    """``_words`` of lower-case ASCII text, the same tokens in the same order, faster."""
+    out = []
+    longs: set[int] = set()  # filled in word order, as _words fills its set
+    for run in text.encode("ascii").translate(_ASCII_RUNS).decode("ascii").split():
+        words = (run,) if len(run) <= _LONGEST and run.isalnum() else _WORD.findall(run)
+        for word in words:
+            size = len(word)
+            if size > MAX_WORD:
+                longs.add(size // 10)
+            elif size > 2:
+                out.append(prefix + word)
+    out += [f"{prefix}long:{size}" for size in longs]
     return out
 
 
