@@ -92,10 +92,13 @@ def explain(
     positive = np.flatnonzero(~(weights <= 0)).tolist()
     for index, weight in zip(positive, weights[positive].tolist(), strict=True):
         token = tokens[index]
-        what = kind(token)
+        prefix, colon, rest = token.partition(":")  # kind(token), inline: this runs a lot
+        what = KINDS.get(prefix, "headers") if colon else "words"
         shares[what] = shares.get(what, 0.0) + weight
-        if what == "words" and not token.startswith("long:"):
-            words.append((weight, token.partition(":")[2] if ":" in token else token))
+        if not colon:
+            words.append((weight, token))
+        elif what == "words" and prefix != "long":
+            words.append((weight, rest))
     total = sum(shares.values()) or 1.0
     named = {what: share for what, share in shares.items() if share / total >= SHARE}
     if not named:

@@ -141,8 +141,8 @@ def from_display_spoof(view: View) -> bool:
 def link_text_mismatch(view: View) -> bool:
     """A link's text is itself an address of one site while the link goes to another."""
     for href, label in view.links:
-        shown, target = _SHOWN_URL.match(label[:300]), url_host(href)
-        if shown and target and other_site(shown.group(1), target):
+        shown = _SHOWN_URL.match(label[:300])
+        if shown and (target := url_host(href)) and other_site(shown.group(1), target):
             return True
     return False
 
