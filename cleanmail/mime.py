@@ -10,11 +10,11 @@ from __future__ import annotations
 import email.header
 import email.utils
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
-from functools import cached_property
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 from cleanmail import mimewalk
 
@@ -27,6 +27,7 @@ MAX_ENCODED_HEADER = 16 * 1024
 # attachments that make up most of a big message) are decoded again when asked for.
 PAYLOAD_CACHE = 1024 * 1024
 
+T = TypeVar("T")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 _SPACE = re.compile(r"\s+")
 
@@ -91,6 +92,31 @@ def parse_address(value: str) -> str:
 def address_domain(address: str) -> str:
     """The domain of an address, lower-cased (``""`` for the null sender)."""
     return address.rpartition("@")[2].strip().lower().rstrip(".")
+
+
+class computed_once(Generic[T]):
+    """``functools.cached_property`` without its lock, which Python 3.11 takes for every
+    instance of the class: a parsed message is checked in one thread at a time."""
+
+    def __init__(self, compute: Callable[[Any], T]) -> None:
+        self.compute = compute
+        self.name = compute.__name__
+        self.__doc__ = compute.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> computed_once[T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> T: ...
+
+    def __get__(self, instance: object | None, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.compute(instance)
+        return value
 
 
 @dataclass
@@ -168,27 +194,27 @@ class ParsedMessage:
         """Every instance of a header, decoded."""
         return [decode_header(value) for value in self.headers.get_all(name) or []]
 
-    @cached_property
+    @computed_once
     def from_header(self) -> str:
         """The decoded From header."""
         return self.header("From")
 
-    @cached_property
+    @computed_once
     def from_address(self) -> str:
         """The address in the From header, lower-cased."""
         return parse_address(self.from_header)
 
-    @cached_property
+    @computed_once
     def subject(self) -> str:
         """The decoded subject."""
         return self.header("Subject")
 
-    @cached_property
+    @computed_once
     def message_id(self) -> str:
         """The Message-ID header as given."""
         return self.header("Message-ID")[:998]
 
-    @cached_property
+    @computed_once
     def date(self) -> datetime | None:
         """The Date header as an aware time, or None when absent or unreadable."""
         value = self.header("Date")
@@ -205,12 +231,12 @@ class ParsedMessage:
         except (OverflowError, ValueError):
             return None
 
-    @cached_property
+    @computed_once
     def text_body(self) -> str:
         """Plain text of the body parts, bounded."""
         return self._body("text/plain")
 
-    @cached_property
+    @computed_once
     def html_body(self) -> str:
         """HTML of the body parts, bounded."""
         return self._body("text/html")

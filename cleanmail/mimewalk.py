@@ -144,6 +144,10 @@ class IndexedMessage(Message):
             return failobj
         return [self.policy.header_fetch_parse(k, v) for k, v in found]
 
+    def __contains__(self, name: Any) -> bool:
+        """Whether the header is there (Message builds a list of every name to tell)."""
+        return name.lower() in self._headers_by_name()
+
     def _get_params_preserve(self, failobj: Any, header: str) -> Any:
         """A header's parameters as the package parses them, parsed once per header."""
         key = header.lower()
@@ -186,6 +190,7 @@ def _header_message(block: bytes) -> tuple[Message, int]:
     """Header lines read as the email package reads them (its _parse_headers), and the
     length of a last line that it takes for body text after all."""
     message, pushed_back = IndexedMessage(), 0
+    add = message._headers.append  # what set_raw does, less a call per header line
     lines = io.StringIO(block.decode("ascii", "surrogateescape"), newline="").readlines()
     header: list[str] = []
     for number, line in enumerate(lines):
@@ -196,7 +201,7 @@ def _header_message(block: bytes) -> tuple[Message, int]:
                 message.defects.append(errors.FirstHeaderLineIsContinuationDefect(line))
             continue
         if header:
-            message.set_raw(*compat32.header_source_parse(header))
+            add(compat32.header_source_parse(header))
             header = []
         if line.startswith("From "):
             if number == 0:
@@ -210,7 +215,7 @@ def _header_message(block: bytes) -> tuple[Message, int]:
         else:
             header = [line]
     if header:
-        message.set_raw(*compat32.header_source_parse(header))
+        add(compat32.header_source_parse(header))
     return message, pushed_back
 
 

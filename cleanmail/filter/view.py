@@ -14,7 +14,6 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cached_property
 from typing import TypeVar
 
 from cleanmail import mime
@@ -74,7 +73,7 @@ _LOCAL_FROM = re.compile(r"\b(?:localhost|127\.0\.0\.1|::1)\b", re.I)
 _FETCHED = re.compile(r"\bwith (?:imap|pop3?|lmtp)\b", re.I)
 
 
-def _of_message(compute: Callable[[View], T]) -> cached_property[T]:
+def _of_message(compute: Callable[[View], T]) -> mime.computed_once[T]:
     """A view that depends on the message alone: shared by every View of that message.
 
     The classifier's tokenizer builds its own View of the message the rules saw.
@@ -90,7 +89,7 @@ def _of_message(compute: Callable[[View], T]) -> cached_property[T]:
             return value
 
     get.__name__, get.__doc__ = name, compute.__doc__
-    return cached_property(get)
+    return mime.computed_once(get)
 
 
 @dataclass
@@ -101,13 +100,13 @@ class View:
     envelope: engines.Envelope
     now: datetime
 
-    @cached_property
+    @mime.computed_once
     def arrival(self) -> datetime | None:
         """When the message reached us: the newest Received header that is not a local hop."""
         # Local hops (content filter re-injection, fetchmail, LMTP) can come long after arrival.
         for value in (self.message.headers.get_all("Received") or [])[:10]:
             value = " ".join(str(value)[:2000].split())
-            if _LOCAL_FROM.search(value.partition(" by ")[0]) or _FETCHED.search(value):
+            if _local_hop(value):
                 continue
             try:
                 when = email.utils.parsedate_to_datetime(value.rpartition(";")[2].strip())
@@ -144,7 +143,8 @@ class View:
         text = f"{self.message.subject}\n{self.body}".lower()
         if encoded := single_byte(text):
             data, charset = encoded
-            return " " + _single_spaces(data.translate(_WORD_BYTES[charset])).decode(charset) + " "
+            words = b" ".join(data.translate(_WORD_BYTES[charset]).split())
+            return " " + words.decode(charset) + " "
         return " " + " ".join(_WORD.findall(text)) + " "
 
     @_of_message
@@ -179,14 +179,15 @@ class View:
         return [host for href, _ in self.links if (host := url_host(href))]
 
 
-def _single_spaces(data: bytes) -> bytes:
-    """Bytes of words and spaces with every run of spaces made one, none at the ends.
-
-    Runs halve with each replace: a few passes at C speed, no object per word.
-    """
-    while b"  " in data:
-        data = data.replace(b"  ", b" ")
-    return data.strip(b" ")
+def _local_hop(received: str) -> bool:
+    """A Received line of a hop inside the receiving system (from localhost, IMAP, LMTP)."""
+    source = received.partition(" by ")[0]
+    if received.isascii():  # the literals any match holds, looked for at C speed first
+        lower = source.lower()
+        local = "localhost" in lower or "127.0.0.1" in lower or "::1" in lower
+        if not local and "with " not in received.lower():
+            return False
+    return bool(_LOCAL_FROM.search(source) or _FETCHED.search(received))
 
 
 def _bare_urls(text: str) -> Iterator[str]:
