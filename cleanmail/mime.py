@@ -190,6 +190,12 @@ class ParsedMessage:
         self._decoded[key] = value
         return value
 
+    def header_count(self, name: str) -> int:
+        """How many times a header occurs."""
+        if isinstance(self.headers, mimewalk.IndexedMessage):
+            return self.headers.count(name)
+        return len(self.headers.get_all(name) or [])
+
     def header_all(self, name: str) -> list[str]:
         """Every instance of a header, decoded."""
         return [decode_header(value) for value in self.headers.get_all(name) or []]

@@ -159,6 +159,10 @@ class IndexedMessage(Message):
             params = self._params[key] = super()._get_params_preserve(_ABSENT, header)
         return failobj if params is _ABSENT else params
 
+    def count(self, name: str) -> int:
+        """How many times a header occurs, without decoding any."""
+        return len(self._headers_by_name().get(name.lower(), ()))
+
     def set_raw(self, name: str, value: Any) -> None:
         """Add a header (and forget the index)."""
         self._index = self._params = None

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cleanmail import mime
-from cleanmail.filter import auth, engines, wording
-from cleanmail.filter.view import TEXT_LIMIT, View, other_site, url_host
+from cleanmail.filter import engines, wording
+from cleanmail.filter.view import TEXT_LIMIT, View, other_site, registrable, url_host
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +165,12 @@ def brand_names(view: View) -> list[str]:
     product page, while outlook-login.example is a name bought to look like the brand.
     """
     hosts = [mime.address_domain(view.message.from_address), *view.hosts[:50]]
-    return [auth.organizational_domain(host) for host in dict.fromkeys(hosts) if host]
+    return [registrable(host) for host in dict.fromkeys(hosts) if host]
 
 
 def owns(domain: str, brand: str) -> bool:
     """Whether a domain belongs to the brand (its registrable name is one of the brand's)."""
-    name = auth.organizational_domain(domain).partition(".")[0]
+    name = registrable(domain).partition(".")[0]
     return name in wording.BRANDS[brand]
 
 
@@ -319,7 +319,7 @@ RULES: tuple[Rule, ...] = (
     Rule("FROM_ENDS_IN_NUMS", 1.5, "the sender address ends in many digits",
          lambda v: bool(_FROM_NUMS.search(v.message.from_address))),
     Rule("DUPLICATE_HEADERS", 1.5, "the message repeats headers that must appear once",
-         lambda v: any(len(v.message.headers.get_all(n) or []) > 1 for n in _SINGLE_HEADERS)),
+         lambda v: any(v.message.header_count(n) > 1 for n in _SINGLE_HEADERS)),
     Rule("HIGH_PRIORITY", 1.5, "the message is marked as high priority",
          lambda v: v.message.header("X-Priority")[:1] == "1"
          or v.message.header("X-MSMail-Priority").lower() == "high"),

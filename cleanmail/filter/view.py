@@ -9,6 +9,7 @@ HTML, capped links), and every regex is linear.
 from __future__ import annotations
 
 import email.utils
+import functools
 import html
 import re
 from collections.abc import Callable, Iterator
@@ -237,4 +238,14 @@ def url_host(url: str) -> str:
 
 def other_site(shown: str, actual: str) -> bool:
     """True when two host names belong to different registrable domains."""
-    return auth.organizational_domain(shown) != auth.organizational_domain(actual)
+    return registrable(shown) != registrable(actual)
+
+
+@functools.lru_cache(maxsize=4096)
+def registrable(domain: str) -> str:
+    """``auth.organizational_domain``, kept for the last few thousand names asked about.
+
+    A suffix-list look-up costs several microseconds (IDNA encoding, label by label),
+    and mail names the same senders' and sites' domains again and again.
+    """
+    return auth.organizational_domain(domain)
