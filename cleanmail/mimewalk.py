@@ -117,6 +117,7 @@ class IndexedMessage(Message):
 
     _index: dict[str, list[tuple[str, str]]] | None = None
     _params: dict[str, Any] | None = None
+    _first: dict[str, str] | None = None  # what get returned, where that is a str
 
     def _headers_by_name(self) -> dict[str, list[tuple[str, str]]]:
         if self._index is None:
@@ -129,12 +130,18 @@ class IndexedMessage(Message):
     def get(self, name: str, failobj: Any = None) -> Any:
         """The first value of a header, as Message.get gives it."""
         key = name.lower()
+        if self._first is not None and key in self._first:
+            return self._first[key]
         found = self._headers_by_name().get(key)
         if not found:
             return failobj
         value = self.policy.header_fetch_parse(*found[0])
         if key in _PARAMS_HEADERS and isinstance(value, str) and len(value) > MAX_PARAMS_HEADER:
-            return value[:MAX_PARAMS_HEADER]
+            value = value[:MAX_PARAMS_HEADER]
+        if isinstance(value, str):  # kept only when immutable (not a fresh Header object)
+            if self._first is None:
+                self._first = {}
+            self._first[key] = value
         return value
 
     def get_all(self, name: str, failobj: Any = None) -> Any:
@@ -165,25 +172,30 @@ class IndexedMessage(Message):
 
     def set_raw(self, name: str, value: Any) -> None:
         """Add a header (and forget the index)."""
-        self._index = self._params = None
+        self._index = self._params = self._first = None
         super().set_raw(name, value)
 
     def add_header(self, _name: str, _value: Any, **_params: Any) -> None:
         """Add a header with parameters (and forget the index)."""
-        self._index = self._params = None
+        self._index = self._params = self._first = None
         super().add_header(_name, _value, **_params)
 
     def replace_header(self, _name: str, _value: Any) -> None:
         """Replace a header's first value (and forget the index)."""
-        self._index = self._params = None
+        self._index = self._params = self._first = None
         super().replace_header(_name, _value)
 
+    def set_boundary(self, boundary: str) -> None:
+        """Set Content-Type's boundary (and forget the index)."""
+        super().set_boundary(boundary)
+        self._index = self._params = self._first = None
+
     def __setitem__(self, name: str, value: Any) -> None:
-        self._index = self._params = None
+        self._index = self._params = self._first = None
         super().__setitem__(name, value)
 
     def __delitem__(self, name: str) -> None:
-        self._index = self._params = None
+        self._index = self._params = self._first = None
         super().__delitem__(name)
 
 

@@ -174,7 +174,8 @@ def _shape(message: mime.ParsedMessage, view: View) -> list[str]:
             out.append(f"cte:{part.encoding[:20]}")
     if view.html:
         lower = view.html_lower[:BODY_LIMIT]
-        out += [f"tag:{name}" for name in _TAG_NAME.findall(lower)]
+        # Each name once, in order: tokenize keeps only a token's first place anyway.
+        out += [f"tag:{name}" for name in dict.fromkeys(_TAG_NAME.findall(lower))]
     if message.defects:
         out.append("mime:defect")
     return out
