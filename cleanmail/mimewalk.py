@@ -166,6 +166,10 @@ class IndexedMessage(Message):
             params = self._params[key] = super()._get_params_preserve(_ABSENT, header)
         return failobj if params is _ABSENT else params
 
+    def names(self) -> list[str]:
+        """The lower-case header names, each once, in the order they first occur."""
+        return list(self._headers_by_name())
+
     def count(self, name: str) -> int:
         """How many times a header occurs, without decoding any."""
         return len(self._headers_by_name().get(name.lower(), ()))

@@ -13,7 +13,7 @@ import logging
 import re
 from datetime import UTC, datetime
 
-from cleanmail import mime
+from cleanmail import mime, mimewalk
 from cleanmail.filter import engines
 from cleanmail.filter.view import SINGLE_BYTE, View, byte_table, single_byte
 
@@ -120,7 +120,11 @@ def _split_words(runs: list[str], prefix: str) -> list[str]:
 
 def _headers(message: mime.ParsedMessage, view: View) -> list[str]:
     out = []
-    names = [str(name).lower()[:40] for name in message.headers.keys()[:200]]
+    headers = message.headers
+    if isinstance(headers, mimewalk.IndexedMessage) and len(headers) <= 200:
+        names = [name[:40] for name in headers.names()]  # the same, from the index
+    else:
+        names = [str(name).lower()[:40] for name in headers.keys()[:200]]
     out += [f"h:{name}" for name in dict.fromkeys(names)]
     for name in WORD_HEADERS:
         value = message.header(name)[:MAX_HEADER_VALUE]
