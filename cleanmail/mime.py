@@ -10,11 +10,11 @@ from __future__ import annotations
 import email.header
 import email.utils
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
-from functools import cached_property
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 from cleanmail import mimewalk
 
@@ -27,8 +27,16 @@ MAX_ENCODED_HEADER = 16 * 1024
 # attachments that make up most of a big message) are decoded again when asked for.
 PAYLOAD_CACHE = 1024 * 1024
 
+T = TypeVar("T")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 _SPACE = re.compile(r"\s+")
+# The shapes of nearly every From header: "addr", "Name <addr>" and "\"Name\" <addr>",
+# where the address is a dot-atom at a dot-atom of letters, digits and dashes and the
+# name holds no character the email package's address parser treats specially.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ADDRESS = rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_NAME = r"(?:[A-Za-z0-9_'-]+(?: [A-Za-z0-9_'-]+)* ?|\"[A-Za-z0-9_' -]*\" ?)?"
+_SIMPLE_FROM = re.compile(rf"({_ADDRESS})|{_NAME}<({_ADDRESS})>")
 
 
 def clean_text(value: str, limit: int = HEADER_LIMIT) -> str:
@@ -54,6 +62,10 @@ def decode_header(value: object) -> str:
     if value is None:
         return ""
     text = str(value) if not isinstance(value, email.header.Header) else value
+    if isinstance(text, str) and text.isascii() and "=?" not in text:
+        # Most headers: no encoded words, nothing to decode. " ".join(split()) is the
+        # _SPACE.sub(" ", ...).strip() below (both split on str.isspace characters).
+        return clean_text(" ".join(text[:MAX_ENCODED_HEADER].split()))
     if isinstance(text, str) and len(text) > MAX_ENCODED_HEADER:
         # email.header.decode_header is quadratic in the number of encoded words.
         text = text[:MAX_ENCODED_HEADER]
@@ -73,6 +85,9 @@ def decode_header(value: object) -> str:
 
 def parse_address(value: str) -> str:
     """The first mailbox address in a header value, lower-cased, or ``""``."""
+    simple = _SIMPLE_FROM.fullmatch(value)
+    if simple:  # what getaddresses finds in the most common shapes, without its parser
+        return (simple.group(1) or simple.group(2)).lower()[:320]
     try:
         pairs = email.utils.getaddresses([value])
     except Exception:
@@ -87,6 +102,31 @@ def parse_address(value: str) -> str:
 def address_domain(address: str) -> str:
     """The domain of an address, lower-cased (``""`` for the null sender)."""
     return address.rpartition("@")[2].strip().lower().rstrip(".")
+
+
+class computed_once(Generic[T]):
+    """``functools.cached_property`` without its lock, which Python 3.11 takes for every
+    instance of the class: a parsed message is checked in one thread at a time."""
+
+    def __init__(self, compute: Callable[[Any], T]) -> None:
+        self.compute = compute
+        self.name = compute.__name__
+        self.__doc__ = compute.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> computed_once[T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> T: ...
+
+    def __get__(self, instance: object | None, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.compute(instance)
+        return value
 
 
 @dataclass
@@ -143,39 +183,54 @@ class ParsedMessage:
     defects: list[str]
     # What the engines derive from the message alone (filter.view.View), computed once for all.
     derived: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # Decoded headers by lower-case name: the rules and the tokenizer ask for the same ones.
+    _decoded: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def header(self, name: str) -> str:
         """One header, decoded (the first of several), or ``""``."""
+        key = name.lower()
         try:
-            return decode_header(self.headers.get(name))
+            return self._decoded[key]
+        except KeyError:
+            pass
+        try:
+            value = decode_header(self.headers.get(name))
         except Exception:
-            return ""
+            value = ""
+        self._decoded[key] = value
+        return value
+
+    def header_count(self, name: str) -> int:
+        """How many times a header occurs."""
+        if isinstance(self.headers, mimewalk.IndexedMessage):
+            return self.headers.count(name)
+        return len(self.headers.get_all(name) or [])
 
     def header_all(self, name: str) -> list[str]:
         """Every instance of a header, decoded."""
         return [decode_header(value) for value in self.headers.get_all(name) or []]
 
-    @cached_property
+    @computed_once
     def from_header(self) -> str:
         """The decoded From header."""
         return self.header("From")
 
-    @cached_property
+    @computed_once
     def from_address(self) -> str:
         """The address in the From header, lower-cased."""
         return parse_address(self.from_header)
 
-    @cached_property
+    @computed_once
     def subject(self) -> str:
         """The decoded subject."""
         return self.header("Subject")
 
-    @cached_property
+    @computed_once
     def message_id(self) -> str:
         """The Message-ID header as given."""
         return self.header("Message-ID")[:998]
 
-    @cached_property
+    @computed_once
     def date(self) -> datetime | None:
         """The Date header as an aware time, or None when absent or unreadable."""
         value = self.header("Date")
@@ -192,12 +247,12 @@ class ParsedMessage:
         except (OverflowError, ValueError):
             return None
 
-    @cached_property
+    @computed_once
     def text_body(self) -> str:
         """Plain text of the body parts, bounded."""
         return self._body("text/plain")
 
-    @cached_property
+    @computed_once
     def html_body(self) -> str:
         """HTML of the body parts, bounded."""
         return self._body("text/html")

@@ -110,10 +110,14 @@ class IndexedMessage(Message):
     """A compat32 Message whose header look-ups use an index instead of a scan.
 
     The checks ask for some twenty headers of every message, and Message.get walks
-    the whole header list each time.
+    the whole header list each time. The parameters of a header (Content-Type's
+    charset, name and boundary) are parsed once too: the package parses them again
+    for every ``get_param``.
     """
 
     _index: dict[str, list[tuple[str, str]]] | None = None
+    _params: dict[str, Any] | None = None
+    _first: dict[str, str] | None = None  # what get returned, where that is a str
 
     def _headers_by_name(self) -> dict[str, list[tuple[str, str]]]:
         if self._index is None:
@@ -126,12 +130,18 @@ class IndexedMessage(Message):
     def get(self, name: str, failobj: Any = None) -> Any:
         """The first value of a header, as Message.get gives it."""
         key = name.lower()
+        if self._first is not None and key in self._first:
+            return self._first[key]
         found = self._headers_by_name().get(key)
         if not found:
             return failobj
         value = self.policy.header_fetch_parse(*found[0])
         if key in _PARAMS_HEADERS and isinstance(value, str) and len(value) > MAX_PARAMS_HEADER:
-            return value[:MAX_PARAMS_HEADER]
+            value = value[:MAX_PARAMS_HEADER]
+        if isinstance(value, str):  # kept only when immutable (not a fresh Header object)
+            if self._first is None:
+                self._first = {}
+            self._first[key] = value
         return value
 
     def get_all(self, name: str, failobj: Any = None) -> Any:
@@ -141,24 +151,66 @@ class IndexedMessage(Message):
             return failobj
         return [self.policy.header_fetch_parse(k, v) for k, v in found]
 
+    def __contains__(self, name: Any) -> bool:
+        """Whether the header is there (Message builds a list of every name to tell)."""
+        return name.lower() in self._headers_by_name()
+
+    def _get_params_preserve(self, failobj: Any, header: str) -> Any:
+        """A header's parameters as the package parses them, parsed once per header."""
+        key = header.lower()
+        if self._params is None:
+            self._params = {}
+        try:
+            params = self._params[key]
+        except KeyError:
+            params = self._params[key] = super()._get_params_preserve(_ABSENT, header)
+        return failobj if params is _ABSENT else params
+
+    def names(self) -> list[str]:
+        """The lower-case header names, each once, in the order they first occur."""
+        return list(self._headers_by_name())
+
+    def count(self, name: str) -> int:
+        """How many times a header occurs, without decoding any."""
+        return len(self._headers_by_name().get(name.lower(), ()))
+
     def set_raw(self, name: str, value: Any) -> None:
         """Add a header (and forget the index)."""
-        self._index = None
+        self._index = self._params = self._first = None
         super().set_raw(name, value)
 
+    def add_header(self, _name: str, _value: Any, **_params: Any) -> None:
+        """Add a header with parameters (and forget the index)."""
+        self._index = self._params = self._first = None
+        super().add_header(_name, _value, **_params)
+
+    def replace_header(self, _name: str, _value: Any) -> None:
+        """Replace a header's first value (and forget the index)."""
+        self._index = self._params = self._first = None
+        super().replace_header(_name, _value)
+
+    def set_boundary(self, boundary: str) -> None:
+        """Set Content-Type's boundary (and forget the index)."""
+        super().set_boundary(boundary)
+        self._index = self._params = self._first = None
+
     def __setitem__(self, name: str, value: Any) -> None:
-        self._index = None
+        self._index = self._params = self._first = None
         super().__setitem__(name, value)
 
     def __delitem__(self, name: str) -> None:
-        self._index = None
+        self._index = self._params = self._first = None
         super().__delitem__(name)
+
+
+_ABSENT = object()  # what a header's parameters are when it is not there
 
 
 def _header_message(block: bytes) -> tuple[Message, int]:
     """Header lines read as the email package reads them (its _parse_headers), and the
     length of a last line that it takes for body text after all."""
     message, pushed_back = IndexedMessage(), 0
+    add = message._headers.append  # what set_raw does, less a call per header line
     lines = io.StringIO(block.decode("ascii", "surrogateescape"), newline="").readlines()
     header: list[str] = []
     for number, line in enumerate(lines):
@@ -169,7 +221,7 @@ def _header_message(block: bytes) -> tuple[Message, int]:
                 message.defects.append(errors.FirstHeaderLineIsContinuationDefect(line))
             continue
         if header:
-            message.set_raw(*compat32.header_source_parse(header))
+            add(compat32.header_source_parse(header))
             header = []
         if line.startswith("From "):
             if number == 0:
@@ -183,7 +235,7 @@ def _header_message(block: bytes) -> tuple[Message, int]:
         else:
             header = [line]
     if header:
-        message.set_raw(*compat32.header_source_parse(header))
+        add(compat32.header_source_parse(header))
     return message, pushed_back
 
 

@@ -88,13 +88,17 @@ def explain(
     weights = model.weights[classifier.hashes(tokens) if features is None else features]
     shares: dict[str, float] = {}
     words: list[tuple[float, str]] = []
-    for token, weight in zip(tokens, weights.tolist(), strict=False):
-        if weight <= 0:
-            continue
-        what = kind(token)
+    # Only the tokens that weigh for spam, still in token order (the sums stay the same).
+    positive = np.flatnonzero(~(weights <= 0)).tolist()
+    for index, weight in zip(positive, weights[positive].tolist(), strict=True):
+        token = tokens[index]
+        prefix, colon, rest = token.partition(":")  # kind(token), inline: this runs a lot
+        what = KINDS.get(prefix, "headers") if colon else "words"
         shares[what] = shares.get(what, 0.0) + weight
-        if what == "words" and not token.startswith("long:"):
-            words.append((weight, token.partition(":")[2] if ":" in token else token))
+        if not colon:
+            words.append((weight, token))
+        elif what == "words" and prefix != "long":
+            words.append((weight, rest))
     total = sum(shares.values()) or 1.0
     named = {what: share for what, share in shares.items() if share / total >= SHARE}
     if not named:
