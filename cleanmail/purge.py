@@ -145,6 +145,6 @@ def _chunks(keys: Iterable[str], size: int) -> Iterator[list[str]]:
 
 def _modified(store: Store, key: str) -> float:
     try:
-        return store.path(key).stat().st_mtime
+        return store.located(key).stat().st_mtime
     except FileNotFoundError:
         return float("inf")  # gone already: nothing to sweep

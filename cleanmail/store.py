@@ -44,14 +44,26 @@ class Store:
         self.root = Path(root)
 
     def path(self, sha256: str) -> Path:
-        """The file that holds a message."""
+        """Where a message's file is written: one of 256 folders named by the key's start.
+
+        One level rather than two: a fresh store would otherwise create a folder (and
+        sync it) for almost every message of its first hundred thousand.
+        """
         if _KEY.fullmatch(sha256) is None:
             raise StoreError(f"not a message key: {sha256!r}")
-        return self.root / sha256[:2] / sha256[2:4] / f"{sha256}.eml.gz"
+        return self.root / sha256[:2] / f"{sha256}.eml.gz"
+
+    def located(self, sha256: str) -> Path:
+        """The message's file where it is: ``path``, or where stores before 2026-11 put it."""
+        path = self.path(sha256)
+        if path.exists():
+            return path
+        legacy = self.root / sha256[:2] / sha256[2:4] / path.name
+        return legacy if legacy.exists() else path
 
     def exists(self, sha256: str) -> bool:
         """True when the message's file is present."""
-        return self.path(sha256).exists()
+        return self.located(sha256).exists()
 
     def write(self, sha256: str, raw: bytes | bytearray | memoryview) -> None:
         """Write a message durably; replaces an existing file with the same bytes."""
@@ -85,7 +97,7 @@ class Store:
     def open(self, sha256: str) -> BinaryIO:
         """Open a stored message for reading its raw bytes."""
         try:
-            return gzip.open(self.path(sha256), "rb")  # type: ignore[return-value]
+            return gzip.open(self.located(sha256), "rb")  # type: ignore[return-value]
         except OSError as exc:
             raise StoreError(f"message {sha256[:12]} is not in the store") from exc
 
@@ -99,7 +111,7 @@ class Store:
 
     def discard(self, session: Session, sha256: str) -> None:
         """Move a file aside now; delete it when the session commits, restore it on rollback."""
-        final = self.path(sha256)
+        final = self.located(sha256)
         trash = self.root / "trash" / f"{sha256}.{secrets.token_hex(6)}"
         trash.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -110,8 +122,9 @@ class Store:
 
     def iter_keys(self) -> Iterator[str]:
         """Every message key present in the store (for sweeps of unreferenced files)."""
-        for path in self.root.glob("??/??/*.eml.gz"):
-            yield path.name.removesuffix(".eml.gz")
+        for pattern in ("??/*.eml.gz", "??/??/*.eml.gz"):
+            for path in self.root.glob(pattern):
+                yield path.name.removesuffix(".eml.gz")
 
 
 def _create(path: Path) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sqlalchemy.orm import Session
 
 from cleanmail.store import Store, StoreError, digest
 
@@ -61,3 +62,34 @@ def test_ensure_writes_only_when_missing(tmp_path: Path) -> None:
     before = os.stat(store.path(sha)).st_ino
     store.ensure(sha, b"abc")
     assert os.stat(store.path(sha)).st_ino == before
+
+
+def test_files_go_one_folder_deep_and_are_readable_by_owner_and_group_only(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    sha = digest(b"one level")
+    store.write(sha, b"one level")
+    assert store.path(sha) == tmp_path / sha[:2] / f"{sha}.eml.gz"
+    assert store.path(sha).stat().st_mode & 0o777 == 0o640
+
+
+def test_a_file_in_the_older_two_level_layout_is_still_found(tmp_path: Path) -> None:
+    """Stores written before the one-level layout keep working: read, listed, discarded."""
+    store = Store(tmp_path)
+    raw = b"Subject: kept from before\r\n\r\nbody\r\n"
+    sha = digest(raw)
+    legacy = tmp_path / sha[:2] / sha[2:4] / f"{sha}.eml.gz"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_bytes(gzip.compress(raw))
+    assert store.exists(sha) and store.read(sha) == raw
+    assert store.located(sha) == legacy
+    store.ensure(sha, raw)
+    assert not store.path(sha).exists()  # found where it was, not written again
+    other = digest(b"new")
+    store.write(other, b"new")
+    assert sorted(store.iter_keys()) == sorted([sha, other])
+    with Session() as session:
+        session.begin()
+        store.discard(session, sha)
+        assert not store.exists(sha)
+        session.rollback()  # the move aside is undone with the transaction
+    assert store.read(sha) == raw
