@@ -10,13 +10,15 @@ measured in the same run, is ``email.message_from_bytes(raw, policy=compat32)``.
     .venv/bin/python bench/checks.py --profile rules  # and a cProfile of one stage
     .venv/bin/python bench/checks.py --dump out.jsonl # every verdict, to compare code
 
-``--dump`` writes, for every message of the corpus (as stored and as the bench sends
-it), of tests/mail and of a fixed set of mangled corpus messages, the rules' hits and
-score, the classifier's tokens and result (a model trained on the corpus) and the
-attachment findings, one JSON line each. Two dumps from two versions of the code must
-be identical (``cmp``) when a change is meant to make the checks faster, not different.
-Run another checkout's code with its own interpreter, from its folder:
-``cd ../main && .venv/bin/python ../engine-speed/bench/checks.py --dump main.jsonl``.
+``--dump`` writes, for every message of the corpus (as stored, with CRLF line ends, and
+with GTUBE added too), of tests/mail and of a fixed set of mangled corpus messages, the
+rules' hits and score, the classifier's tokens and result (a model trained on the
+corpus) and the attachment findings, one JSON line each. Two dumps from two versions of
+the code must be identical (``cmp``) when a change is meant to make the checks faster,
+not different. This file imports the code of the checkout it lies in: to dump another
+version, copy it into an export of that version and run it there, e.g.
+``git archive COMMIT | tar -x -C /tmp/old && cp bench/checks.py /tmp/old/bench/`` and
+``cd /tmp/old && CLEANMAIL_CORPUS=... .venv-path/bin/python bench/checks.py --dump old.jsonl``.
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ def dump_messages() -> Iterator[tuple[str, bytes]]:
     for path in files:
         raw = path.read_bytes()
         yield f"corpus/{path.parent.name}/{path.name}", raw
+        yield f"crlf/{path.parent.name}/{path.name}", ingest.to_crlf(raw)
         yield f"bench/{path.parent.name}/{path.name}", ingest.to_crlf(raw) + ingest.GTUBE + b"\r\n"
     for path in sorted((corpus.ROOT / "tests" / "mail").rglob("*")):
         if path.is_file():
