@@ -24,7 +24,7 @@ from typing import NamedTuple
 from sqlalchemy import bindparam, or_, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from cleanmail import logs, mailer, report_ledger, stats
+from cleanmail import logs, mailer, report_ledger, report_relay, stats
 from cleanmail.models import Report, ReportStatus
 from cleanmail.relay import Relay, RelayError
 
@@ -110,7 +110,7 @@ class Senders:
         )
         self.ledger = report_ledger.Ledger(engine, _CLAIM, _MARK_SENT, now, now + CLAIM)
         self.sessions = sessions
-        self.relay = relay
+        self.relay = report_relay.pipelined(relay)
         self.now = now
         self.tally = Tally()
         self.work: queue.Queue[tuple[int, str, str, bytes] | None] = queue.Queue(count * 4)
