@@ -6,10 +6,11 @@ most one claimed, unsent report per thread, sent again once its claim runs out; 
 crash between the 250 and the mark (one small commit) sends that one twice.
 
 When the next report is already queued, the mark of the last one and the claim of
-the next go in the same commit (one commit per report instead of two): the mark is
-no later for it, and a crash before that commit leaves the same state as before,
-the last report claimed and unmarked, the next not claimed.
-"""
+the next go in the same commit: the mark is no later for it, and a crash before that
+commit leaves the same state as before, the last report claimed and unmarked, the
+next not claimed. The commits of all the threads are the ``report_ledger``'s, one
+thread that writes what every sender handed in meanwhile in one transaction; the
+relay connections pipeline each report's envelope (``report_relay``)."""
 
 from __future__ import annotations
 
