@@ -11,6 +11,9 @@ next one) and waits; the ledger takes everything handed in meanwhile and writes 
 in one transaction, then answers each sender. Nothing waits to be grouped: a request
 goes into the very next commit, so a report is marked no later than before, and a
 sender still claims each report just before sending it.
+
+PostgreSQL has no single writer: there each sender writes on a connection of its own,
+in its own thread, as the commits of several connections go in parallel.
 """
 
 from __future__ import annotations
@@ -58,8 +61,12 @@ class Ledger:
         self._mark = mark
         self.claim_params = {"now": now, "until": until}
         self.requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="report-ledger", daemon=True)
-        self.thread.start()
+        self.thread: threading.Thread | None = None
+        self._local = threading.local()
+        self._connections: list[Connection] = []
+        if engine.dialect.name == "sqlite":  # the single writer: one connection writes for all
+            self.thread = threading.Thread(target=self._run, name="report-ledger", daemon=True)
+            self.thread.start()
 
     def write(self, marks: list[dict[str, Any]], claim: int | None) -> bool:
         """Mark ``marks`` sent and claim ``claim`` in the next commit; True if it was claimed.
@@ -68,16 +75,30 @@ class Ledger:
         their own, so that a failed claim does not lose them.
         """
         request = _Request(marks, claim)
-        self.requests.put(request)
-        request.done.wait()
+        if self.thread is None:
+            self._commit(self._connection(), [request])
+        else:
+            self.requests.put(request)
+            request.done.wait()
         if request.error is not None:
             raise LedgerError(request.error, marked=request.marked) from request.error
         return request.claimed
 
     def close(self) -> None:
-        """Write what was handed in, then stop the thread."""
-        self.requests.put(_STOP)
-        self.thread.join()
+        """Write what was handed in, then stop the thread (after the senders have stopped)."""
+        if self.thread is not None:
+            self.requests.put(_STOP)
+            self.thread.join()
+        for connection in self._connections:
+            connection.close()
+
+    def _connection(self) -> Connection:
+        """This sender thread's own connection (PostgreSQL)."""
+        connection: Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = self.engine.connect()
+            self._connections.append(connection)
+        return connection
 
     def _run(self) -> None:
         with self.engine.connect() as connection:
