@@ -62,6 +62,7 @@ class Ledger:
         self.claim_params = {"now": now, "until": until}
         self.requests: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
+        self.failed: BaseException | None = None
         self._local = threading.local()
         self._connections: list[Connection] = []
         if engine.dialect.name == "sqlite":  # the single writer: one connection writes for all
@@ -79,7 +80,9 @@ class Ledger:
             self._commit(self._connection(), [request])
         else:
             self.requests.put(request)
-            request.done.wait()
+            while not request.done.wait(1.0):
+                if self.failed is not None:  # the ledger's thread died: nobody will answer
+                    raise LedgerError(self.failed, marked=False) from self.failed
         if request.error is not None:
             raise LedgerError(request.error, marked=request.marked) from request.error
         return request.claimed
@@ -101,6 +104,12 @@ class Ledger:
         return connection
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # e.g. no connection: the senders raise it, not hang
+            self.failed = exc
+
+    def _serve(self) -> None:
         with self.engine.connect() as connection:
             while True:
                 first = self.requests.get()
