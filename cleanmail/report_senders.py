@@ -6,10 +6,11 @@ most one claimed, unsent report per thread, sent again once its claim runs out; 
 crash between the 250 and the mark (one small commit) sends that one twice.
 
 When the next report is already queued, the mark of the last one and the claim of
-the next go in the same commit (one commit per report instead of two): the mark is
-no later for it, and a crash before that commit leaves the same state as before,
-the last report claimed and unmarked, the next not claimed.
-"""
+the next go in the same commit: the mark is no later for it, and a crash before that
+commit leaves the same state as before, the last report claimed and unmarked, the
+next not claimed. The commits of all the threads are the ``report_ledger``'s, one
+thread that writes what every sender handed in meanwhile in one transaction; the
+relay connections pipeline each report's envelope (``report_relay``)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
-from sqlalchemy import bindparam, or_, text, update
-from sqlalchemy.engine import Connection
+from sqlalchemy import bindparam, or_, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from cleanmail import logs, mailer, stats
+from cleanmail import logs, mailer, report_ledger, report_relay, stats
 from cleanmail.models import Report, ReportStatus
 from cleanmail.relay import Relay, RelayError
 
@@ -60,12 +60,6 @@ _MARK_SENT = (
 )
 
 
-def claim(connection: Connection, report_id: int, now: datetime) -> bool:
-    """Take the report for this sender if it is pending and due; False if it is not."""
-    params = {"report": report_id, "now": now, "until": now + CLAIM}
-    return connection.execute(_CLAIM, params).first() is not None
-
-
 def record_failure(session: Session, report_id: int, error: RelayError, now: datetime) -> None:
     """Count a failed attempt and set the next one; give up after ``GIVE_UP``."""
     report = session.get(Report, report_id)
@@ -75,16 +69,6 @@ def record_failure(session: Session, report_id: int, error: RelayError, now: dat
     report.next_attempt_at = now + BACKOFF[min(report.attempts, len(BACKOFF)) - 1]
     if now - report.created_at >= GIVE_UP:
         report.status = ReportStatus.FAILED
-
-
-def mark_sent(connection: Connection, report_id: int, message_id: str, now: datetime) -> None:
-    """Record a report as sent (called the moment the relay has taken it)."""
-    if connection.dialect.name == "postgresql":
-        # Durable against our own crash once the server has it; a crash of the server
-        # itself may lose the last marks, and with them send those reports again.
-        connection.execute(text("SET LOCAL synchronous_commit = off"))
-    params = {"report": report_id, "now": now, "message_id": message_id[:255]}
-    connection.execute(_MARK_SENT, params)
 
 
 class Taken(NamedTuple):
@@ -119,14 +103,15 @@ class Senders:
     def __init__(
         self, sessions: sessionmaker[Session], relay: Relay, now: datetime, count: int
     ) -> None:
-        # Claims and marks on a connection per thread, with SQLite's synchronous=NORMAL:
-        # a commit that survives our own crash (the one that matters here) without an
-        # fsync per report.
-        self.engine = sessions.kw["bind"].execution_options(
+        # Claims and marks through one ledger thread and connection for all the senders,
+        # with SQLite's synchronous=NORMAL: a commit that survives our own crash (the one
+        # that matters here) without an fsync per report.
+        engine = sessions.kw["bind"].execution_options(
             cleanmail_immediate=True, cleanmail_relaxed=True
         )
+        self.ledger = report_ledger.Ledger(engine, _CLAIM, _MARK_SENT, now, now + CLAIM)
         self.sessions = sessions
-        self.relay = relay
+        self.relay = report_relay.pipelined(relay)
         self.now = now
         self.tally = Tally()
         self.work: queue.Queue[tuple[int, str, str, bytes] | None] = queue.Queue(count * 4)
@@ -154,6 +139,7 @@ class Senders:
             self.work.put(None)
         for thread in self.threads:
             thread.join()
+        self.ledger.close()
         self._count_sent()
         if self.tally.error is not None:
             raise self.tally.error
@@ -169,22 +155,21 @@ class Senders:
 
     def _run(self) -> None:
         try:
-            with self.engine.connect() as connection:
-                taken: Taken | None = None  # the relay said 250; not marked yet
-                while True:
-                    try:  # with a report to mark, only take the next one if it is there
-                        item = self.work.get(block=taken is None)
-                    except queue.Empty:
-                        self._mark(connection, taken)  # at once: nothing else to do first
-                        taken = None
-                        continue
-                    if item is None or self.tally.error is not None:
-                        self._mark(connection, taken)
-                        taken = None
-                        if item is None:
-                            break
-                        continue
-                    taken = self._send(connection, taken, *item)
+            taken: Taken | None = None  # the relay said 250; not marked yet
+            while True:
+                try:  # with a report to mark, only take the next one if it is there
+                    item = self.work.get(block=taken is None)
+                except queue.Empty:
+                    self._mark(taken)  # at once: nothing else to do first
+                    taken = None
+                    continue
+                if item is None or self.tally.error is not None:
+                    self._mark(taken)
+                    taken = None
+                    if item is None:
+                        break
+                    continue
+                taken = self._send(taken, *item)
         except BaseException as exc:  # handed to the feeding thread by put() and close()
             self.tally.error = exc
             while self.work.get() is not None:  # drain, so that put() never blocks for good
@@ -194,7 +179,6 @@ class Senders:
 
     def _send(
         self,
-        connection: Connection,
         taken: Taken | None,
         report_id: int,
         to: str,
@@ -203,12 +187,10 @@ class Senders:
     ) -> Taken | None:
         """Mark the last report sent and claim this one (one commit), send it; what to mark."""
         try:
-            with connection.begin():
-                if taken is not None:
-                    mark_sent(connection, taken.report_id, taken.message_id, self.now)
-                claimed = claim(connection, report_id, self.now)
-        except Exception:
-            self._mark(connection, taken)  # the mark alone, so that it is not lost with the claim
+            claimed = self.ledger.write(self._marks(taken), report_id)
+        except report_ledger.LedgerError as exc:
+            if exc.marked:  # the ledger wrote the mark alone when the claim failed
+                self._sent(taken)
             raise
         self._sent(taken)
         if not claimed:
@@ -232,10 +214,14 @@ class Senders:
             return None
         return Taken(report_id, to, message_id)
 
-    def _mark(self, connection: Connection, taken: Taken | None) -> None:
+    def _marks(self, taken: Taken | None) -> list[dict[str, object]]:
+        if taken is None:
+            return []
+        return [{"report": taken.report_id, "now": self.now, "message_id": taken.message_id[:255]}]
+
+    def _mark(self, taken: Taken | None) -> None:
         if taken is not None:
-            with connection.begin():
-                mark_sent(connection, taken.report_id, taken.message_id, self.now)
+            self.ledger.write(self._marks(taken), None)
             self._sent(taken)
 
     def _sent(self, taken: Taken | None) -> None:

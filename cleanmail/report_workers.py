@@ -43,7 +43,10 @@ def send_batch(
     rows: int,
 ) -> None:
     """Read one batch of reports (two queries), render them and queue them for the senders."""
-    with sessions() as session:  # rendered here, claimed one by one when sent
+    # A read that does not take SQLite's write lock (the sessions given are for writing):
+    # rendered here, claimed one by one when sent.
+    reading = sessions.kw["bind"].execution_options(cleanmail_immediate=False)
+    with Session(reading) as session:
         addressees = report_mail.addressees(session, ids)
         listed = report_mail.listed(session, ids, rows)
     hostname = renderer.config.hostname
