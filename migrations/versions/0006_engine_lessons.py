@@ -26,9 +26,7 @@ def upgrade() -> None:
             autoincrement=True,
             nullable=False,
         ),
-        sa.Column(
-            "event_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
-        ),
+        sa.Column("event_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("engine", sa.String(length=32), nullable=False),
         sa.Column("outcome", sa.String(length=16), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
