@@ -50,14 +50,14 @@ class PipelinedRelay(Relay):
             if data[0] == 354:  # a server that took DATA anyway: drop the connection, and
                 client.close()  # the message with it (an empty one ended would be delivered)
             if mail[0] != 250:
-                raise RelayError(mail[0], relay_module._text(mail[1]))
+                raise RelayError(mail[0], relay_module.reply_text(mail[1]))
             if refused:
-                raise relay_module._refusal(refused, partial=len(refused) < len(recipients))
-            raise RelayError(data[0], relay_module._text(data[1]))
+                raise relay_module.refusal(refused, partial=len(refused) < len(recipients))
+            raise RelayError(data[0], relay_module.reply_text(data[1]))
         relay_module._write_data(client, chunks)
         code, reply = client.getreply()
         if code != 250:
-            raise RelayError(code, relay_module._text(reply))
+            raise RelayError(code, relay_module.reply_text(reply))
 
 
 def pipelined(relay: Relay) -> PipelinedRelay:
